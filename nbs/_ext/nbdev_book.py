@@ -1,0 +1,97 @@
+"""Sphinx glue that lets Jupyter Book 1 render nbdev notebooks as they are.
+
+nbdev marks cells with directive comments (``#| export``, ``#| hide``, ``#| slow``); myst-nb
+understands cell *tags*. This extension reads each notebook in memory, turns the directives into
+tags and strips the directive lines from the displayed source, so the notebooks on disk stay
+exactly as nbdev writes them. It also serves MathJax from the built book, so pages typeset
+offline.
+"""
+from __future__ import annotations
+
+import configparser
+import re
+import shutil
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parents[2]
+_DIRECTIVE = re.compile(r"^\s*#\s*\|\s*([\w-]+)\s*:?\s*(.*?)\s*$")
+
+
+def _skip_flags() -> set[str]:
+    "The flags nbdev_test skips by default (`tst_flags` in settings.ini): never executed in the book."
+    cfg = configparser.ConfigParser(delimiters=["="])
+    cfg.read(ROOT / "settings.ini", encoding="utf-8")
+    return set(cfg["DEFAULT"].get("tst_flags", "").split())
+
+
+def cell_tags(directives: list[tuple[str, str]], skip_flags: set[str]) -> list[str]:
+    "Jupyter Book tags for a code cell carrying these nbdev `(name, value)` directives."
+    tags = []
+    for name, value in directives:
+        value = value.strip().lower()
+        if name in ("hide", "default_exp") or (name == "include" and value == "false"):
+            tags.append("remove-cell")
+        elif name == "echo" and value == "false":
+            tags.append("remove-input")
+        elif name == "output" and value == "false":
+            tags.append("remove-output")
+        elif name == "code-fold":
+            tags.append("hide-input")
+        elif (name == "eval" and value == "false") or name in skip_flags:
+            tags.append("skip-execution")
+    return list(dict.fromkeys(tags))
+
+
+def split_directives(source: str) -> tuple[list[tuple[str, str]], str]:
+    "Separate the leading `#|` directive lines of a cell from the code that follows them."
+    lines = source.splitlines()
+    directives = []
+    i = 0
+    while i < len(lines):
+        m = _DIRECTIVE.match(lines[i])
+        if m:
+            directives.append((m.group(1), m.group(2)))
+        elif lines[i].strip():
+            break
+        i += 1
+    return directives, "\n".join(lines[i:])
+
+
+def read_nbdev_notebook(text: str) -> nbformat.NotebookNode:
+    "myst-nb reader: an nbdev notebook with its directives turned into tags and stripped."
+    nb = nbformat.reads(text, as_version=4)
+    flags = _skip_flags()
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        directives, code = split_directives(cell.source)
+        if not directives:
+            continue
+        tags = cell.metadata.setdefault("tags", [])
+        tags.extend(t for t in cell_tags(directives, flags) if t not in tags)
+        cell.source = code
+    return nb
+
+
+def _mathjax_dir() -> Path:
+    import mathjax  # django-static-mathjax: MathJax 3 vendored in a wheel
+
+    return Path(mathjax.__file__).parent / "static" / "mathjax" / "es5"
+
+
+def _copy_mathjax(app, exception):
+    if exception is None and app.builder.format == "html":
+        shutil.copytree(_mathjax_dir(), Path(app.outdir) / "_static" / "mathjax", dirs_exist_ok=True)
+
+
+def _config_inited(app, config):
+    # A relative mathjax_path is resolved against _static/ by Sphinx.
+    config.mathjax_path = "mathjax/tex-chtml.js"
+
+
+def setup(app):
+    app.connect("config-inited", _config_inited)
+    app.connect("build-finished", _copy_mathjax)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
