@@ -10,7 +10,6 @@ STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 BOOK_FLAGS := -W -n --keep-going
 export PYTHONHASHSEED := 0
-export MPLBACKEND := Agg
 
 .PHONY: help venv export clean-nbs sync nbtest pytest book browser test test-slow bench clean
 
