@@ -1,0 +1,368 @@
+"""Tests of dpo_lit.train beyond the chapter's lessons: configuration errors, exact accumulation,
+bit-for-bit resume, atomic checkpoints under a simulated crash, rotation, fault handling, fp16 loss
+scaling on CPU, and a transformers GPT-2 built from a config."""
+import dataclasses
+import json
+import math
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import dpo_lit.train as train_mod
+from dpo_lit.data import ByteTokenizer
+from dpo_lit.train import (DPOConfig, DPOTrainer, NonFiniteError, list_checkpoints, lr_factor,
+                           plan_epoch, resolve_precision)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    "Tiny models run fastest (and steadiest on a busy machine) on one thread."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class TinyLM(nn.Module):
+    "Byte-level GRU language model with a tied output layer and optional dropout."
+    def __init__(self, vocab_size=258, d=16, dropout=0.0):
+        super().__init__()
+        self.emb = nn.Embedding(vocab_size, d)
+        self.drop = nn.Dropout(dropout)
+        self.gru = nn.GRU(d, d, batch_first=True)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, input_ids, attention_mask=None):
+        h, _ = self.gru(self.drop(self.emb(input_ids)))
+        return self.drop(h) @ self.emb.weight.T + self.bias
+
+
+def model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return TinyLM(**kw)
+
+
+def pairs(n, seed=0):
+    "Ragged pairs: after 'V:' vowels beat digits, after 'D:' the reverse."
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        kind = rng.choice("VD")
+        v = "".join(rng.choice("aeiou") for _ in range(rng.randint(1, 12)))
+        d = "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 12)))
+        out.append(dict(prompt="x" * rng.randint(0, 9) + kind + ":", chosen=v if kind == "V" else d,
+                        rejected=d if kind == "V" else v))
+    return out
+
+
+DATA = pairs(48)
+BASE = DPOConfig(learning_rate=1e-2, lr_scheduler="linear", warmup_steps=2, batch_size=8, max_steps=5,
+                 max_length=48, progress_bar=False, verbose=False)
+
+
+def cfg(**kw):
+    return dataclasses.replace(BASE, **kw)
+
+
+def weights(m):
+    return [t.detach().clone() for t in m.state_dict().values()]
+
+
+def same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def losses(history):
+    return [r["loss"] for r in history]
+
+
+# ---------------------------------------------------------------- configuration
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(learning_rate=-1e-3), "learning_rate"), (dict(grad_accum_steps=0), "grad_accum_steps"),
+    (dict(batch_size=0), "batch_size"), (dict(precision="fp8"), "precision"), (dict(device="tpu"), "device"),
+    (dict(device="cuda:x"), "device"), (dict(lr_scheduler="step"), "lr_scheduler"),
+    (dict(loss_type="dpo"), "loss_type"), (dict(loss_type=[]), "loss_type"),
+    (dict(loss_type=["sigmoid", "ipo"], loss_weights=[1.0]), "loss_weights"),
+    (dict(max_length=32, max_prompt_length=32), "max_prompt_length"), (dict(max_length=1), "max_length"),
+    (dict(beta=0.0), "beta"), (dict(beta=float("nan")), "beta"), (dict(rpo_alpha=-1), "rpo_alpha"),
+    (dict(label_smoothing=0.7), "label_smoothing"), (dict(max_grad_norm=0), "max_grad_norm"),
+    (dict(max_steps=0), "max_steps"), (dict(num_epochs=0), "num_epochs"), (dict(warmup_steps=-1), "warmup_steps"),
+    (dict(save_steps=5), "save_steps"), (dict(save_total_limit=0), "save_total_limit"),
+    (dict(on_nonfinite="ignore"), "on_nonfinite"), (dict(batch_size=True), "batch_size"),
+    (dict(adam_beta2=1.0), "adam_beta2"), (dict(loss_type="exo_pair"), "exo_pair"),
+    (dict(f_divergence="hellinger"), "f_divergence"),
+])
+def test_config_rejects_nonsense_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        DPOConfig(**kwargs)
+
+
+def test_config_dict_round_trip_and_unknown_keys():
+    c = DPOConfig(beta=0.3, loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.5], output_dir="run", save_steps=10)
+    assert DPOConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    with pytest.raises(ValueError, match="lerning_rate"):
+        DPOConfig.from_dict({"lerning_rate": 1e-3})
+    with pytest.raises(ValueError, match="grad_accum_steps"):
+        dataclasses.replace(c, grad_accum_steps=0)
+
+
+def test_lr_schedules():
+    for s in ("constant", "linear", "cosine"):
+        f = [lr_factor(i, scheduler=s, warmup_steps=4, total_steps=20) for i in range(20)]
+        assert f[:4] == [0.25, 0.5, 0.75, 1.0] and f[4] == 1.0 and all(x > 0 for x in f)
+    with pytest.raises(ValueError, match="scheduler"):
+        lr_factor(0, scheduler="step")
+
+
+def test_precision_resolution_on_cpu():
+    assert resolve_precision("auto", "cpu") == ("fp32", "auto: no CUDA GPU")
+    assert resolve_precision("bf16", "cpu")[0] == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp8", "cpu")
+
+
+# ---------------------------------------------------------------- data order
+def test_plan_is_a_function_of_seed_and_epoch_and_global_batch():
+    a = plan_epoch(50, 8, 1, seed=3, epoch=1)
+    b = plan_epoch(50, 2, 4, seed=3, epoch=1)
+    assert [sum(w, []) for w in a] == [sum(w, []) for w in b]           # same pairs per optimizer step
+    assert sorted(sum(sum(a, []), [])) == list(range(50))                # every pair once per epoch
+    assert a != plan_epoch(50, 8, 1, seed=3, epoch=2) != plan_epoch(50, 8, 1, seed=4, epoch=1)
+    lengths = [random.Random(i).randint(1, 100) for i in range(50)]
+    g = plan_epoch(50, 4, 2, seed=0, epoch=0, lengths=lengths, group_by_length=True)
+    assert sorted(sum(sum(g, []), [])) == list(range(50)) and all(len(w) <= 2 for w in g)
+
+
+# ---------------------------------------------------------------- exact accumulation
+@pytest.mark.parametrize("extra", [dict(rpo_alpha=1.0), dict(rpo_alpha=0.3, loss_type="ipo", group_by_length=True)])
+def test_accumulation_invariance(extra):
+    runs = {}
+    for b, g in [(8, 1), (4, 2), (2, 4)]:
+        t = DPOTrainer(model(0), train_dataset=DATA, config=cfg(batch_size=b, grad_accum_steps=g, max_steps=6, **extra))
+        runs[b, g] = (losses(t.train()), weights(t.model))
+    ref_losses, ref_w = runs[8, 1]
+    for (b, g), (l, w) in runs.items():
+        assert l == pytest.approx(ref_losses, rel=1e-5, abs=1e-6), (b, g)
+        for x, y in zip(w, ref_w):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_accumulation_with_a_short_last_window():
+    # 45 pairs in windows of 8: the last window has 5 pairs, split 4+1 or 2+2+1: uneven micro-batches
+    data = DATA[:45]
+    runs = [DPOTrainer(model(0), train_dataset=data, config=cfg(batch_size=b, grad_accum_steps=g, num_epochs=1,
+                                                                 max_steps=None, rpo_alpha=0.5))
+            for b, g in [(8, 1), (4, 2), (2, 4), (1, 8)]]
+    hs = [losses(t.train()) for t in runs]
+    assert len(hs[0]) == 6
+    for h in hs[1:]:
+        assert h == pytest.approx(hs[0], rel=1e-5, abs=1e-6)
+
+
+# ---------------------------------------------------------------- resume
+@pytest.mark.parametrize("k", [3, 6])          # 6 is an epoch boundary (48 pairs / 8)
+def test_resume_is_bit_for_bit(tmp_path, k):
+    c = cfg(max_steps=9, save_steps=k, output_dir=str(tmp_path / "a"), disable_dropout=False, lr_scheduler="cosine")
+    straight = DPOTrainer(model(0, dropout=0.2), train_dataset=DATA, config=c)
+    h1 = straight.train()
+    resumed = DPOTrainer(model(0, dropout=0.2), train_dataset=DATA,
+                         config=dataclasses.replace(c, output_dir=str(tmp_path / "b")))
+    h2 = resumed.train(resume_from=tmp_path / "a" / f"checkpoint-{k}")
+    assert same(weights(straight.model), weights(resumed.model))
+    assert losses(h1) == losses(h2)
+    assert [r["lr"] for r in h1] == [r["lr"] for r in h2]
+
+
+def test_keyboard_interrupt_saves_then_resume_latest(tmp_path):
+    c = cfg(max_steps=6, output_dir=str(tmp_path), disable_dropout=False)
+    straight = DPOTrainer(model(0, dropout=0.2), train_dataset=DATA, config=dataclasses.replace(c, output_dir=None))
+    straight.train()
+    t = DPOTrainer(model(0, dropout=0.2), train_dataset=DATA, config=c)
+    calls = [0]
+    def interrupt(mod, inputs, output):
+        calls[0] += 1
+        if calls[0] == 4: raise KeyboardInterrupt
+    handle = t.model.register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        t.train()
+    handle.remove()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3"]
+    t2 = DPOTrainer(model(0, dropout=0.2), train_dataset=DATA, config=c)
+    t2.train(resume_from="latest")
+    assert same(weights(straight.model), weights(t2.model))
+    assert losses(t2.history) == losses(straight.history)
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_atomic_save_survives_a_crash_during_save(tmp_path, monkeypatch):
+    c = cfg(max_steps=4, save_steps=2, output_dir=str(tmp_path))
+    t = DPOTrainer(model(0), train_dataset=DATA, config=c)
+    real_save = torch.save
+    def crash_on_second_checkpoint(obj, f, *a, **kw):
+        if "checkpoint-4" in str(f) and str(f).endswith("trainer_state.pt"):
+            with open(f, "wb") as fh: fh.write(b"half a file")      # a partial write, then the crash
+            raise OSError("disk full")
+        return real_save(obj, f, *a, **kw)
+    monkeypatch.setattr(train_mod.torch, "save", crash_on_second_checkpoint)
+    with pytest.raises(OSError, match="disk full"):
+        t.train()
+    monkeypatch.setattr(train_mod.torch, "save", real_save)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+    fresh = DPOTrainer(model(0), train_dataset=DATA, config=c)
+    fresh.load_checkpoint(tmp_path)
+    assert fresh.state["step"] == 2 and len(fresh.history) == 2
+    # a crash at the rename (the last moment) leaves the old checkpoint too
+    def failing_replace(src, dst):
+        raise OSError("killed at rename")
+    monkeypatch.setattr(train_mod.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="rename"):
+        fresh.save_checkpoint()
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    DPOTrainer(model(0), train_dataset=DATA, config=c).load_checkpoint(tmp_path / "checkpoint-2")
+
+
+def test_stale_temp_dirs_are_ignored_and_cleaned(tmp_path):
+    (tmp_path / ".tmp-checkpoint-9-xyz").mkdir()
+    (tmp_path / ".tmp-checkpoint-9-xyz" / "model.pt").write_bytes(b"junk")
+    assert list_checkpoints(tmp_path) == []
+    DPOTrainer(model(0), train_dataset=DATA, config=cfg(max_steps=1, output_dir=str(tmp_path))).train()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "metrics.jsonl"]
+
+
+def test_save_total_limit(tmp_path):
+    t = DPOTrainer(model(0), train_dataset=DATA, config=cfg(max_steps=5, save_steps=1, save_total_limit=2,
+                                                            output_dir=str(tmp_path)))
+    t.train()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-5"]
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    state = json.loads((tmp_path / "checkpoint-5" / "trainer_state.json").read_text())
+    assert state["step"] == 5 and state["config"]["save_total_limit"] == 2
+
+
+def test_save_model(tmp_path):
+    t = DPOTrainer(model(0), train_dataset=DATA, config=cfg(max_steps=1))
+    t.train()
+    p = t.save(tmp_path / "final")
+    m = TinyLM()
+    m.load_state_dict(torch.load(p / "model.pt", weights_only=True))
+    assert same(weights(m), weights(t.model))
+    assert json.loads((p / "dpo_config.json").read_text())["max_steps"] == 1
+
+
+# ---------------------------------------------------------------- faults
+def nan_forward_at(module, calls):
+    count = [0]
+    def hook(mod, inputs, output):
+        count[0] += 1
+        return output * float("nan") if count[0] in calls else output
+    return module.register_forward_hook(hook)
+
+
+def nan_grad_at(param, calls):
+    count = [0]
+    def hook(grad):
+        count[0] += 1
+        return grad * float("nan") if count[0] in calls else grad
+    return param.register_hook(hook)
+
+
+def test_nan_loss_is_caught_with_the_step_named(tmp_path):
+    c = cfg(max_steps=6, save_steps=2, output_dir=str(tmp_path), batch_size=4, grad_accum_steps=2)
+    t = DPOTrainer(model(0), train_dataset=DATA, config=c)
+    nan_forward_at(t.model, {6})                # step 3, second micro-batch
+    with pytest.raises(NonFiniteError, match=r"^step 3: non-finite loss \(nan\) in micro-batch 2 of 2") as e:
+        t.train()
+    assert "checkpoint-2" in str(e.value)
+    assert all(torch.isfinite(w).all() for w in weights(t.model))
+    assert t.state["step"] == 2 and len(t.history) == 2
+    back = DPOTrainer(model(0), train_dataset=DATA, config=c)
+    back.load_checkpoint(tmp_path)
+    assert same(weights(back.model), weights(t.model))
+
+
+def test_nan_gradient_names_the_parameter():
+    t = DPOTrainer(model(0), train_dataset=DATA, config=cfg(max_steps=4))
+    nan_grad_at(t.model.gru.bias_ih_l0, {2})
+    with pytest.raises(NonFiniteError, match=r"step 2: non-finite gradient .* of parameter 'gru.bias_ih_l0'"):
+        t.train()
+    assert all(torch.isfinite(w).all() for w in weights(t.model)) and t.state["step"] == 1
+
+
+def test_skip_option_counts_skipped_steps():
+    t = DPOTrainer(model(0), train_dataset=DATA, config=cfg(max_steps=6, on_nonfinite="skip"))
+    nan_forward_at(t.model, {2, 3})
+    nan_grad_at(t.model.emb.weight, {5})
+    h = t.train()
+    assert [r["step"] for r in h if r.get("skipped")] == [2, 3, 5]
+    assert t.summary["skipped_steps"] == 3 and t.state["skipped_steps"] == 3
+    assert len(h) == 6 and all(torch.isfinite(w).all() for w in weights(t.model))
+
+
+# ---------------------------------------------------------------- precision, models, data sources
+def test_fp16_loss_scaling_path_on_cpu(tmp_path):
+    c = cfg(max_steps=4, precision="fp16", device="cpu", save_steps=2, output_dir=str(tmp_path))
+    t = DPOTrainer(model(0), train_dataset=DATA, config=c)
+    h = t.train()
+    assert t.precision == "fp16" and t.scaler.is_enabled()
+    assert all("loss_scale" in r for r in h) and h[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    r = DPOTrainer(model(0), train_dataset=DATA, config=c)
+    r.load_checkpoint(tmp_path / "checkpoint-2")
+    assert r.scaler.get_scale() == h[1]["loss_scale"]
+
+
+def test_metrics_and_evaluate_keys():
+    t = DPOTrainer(model(0), train_dataset=DATA, eval_dataset=pairs(16, seed=5), config=cfg(max_steps=4, eval_steps=2))
+    h = t.train()
+    keys = {"step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+            "logps/chosen", "logps/rejected", "grad_norm", "lr", "tokens_per_second"}
+    assert keys <= set(h[0])
+    assert "eval_loss" in h[1] and "eval_loss" not in h[0]
+    ev = t.evaluate()
+    assert {"loss", "rewards/accuracies", "rewards/margins", "logps/chosen"} <= set(ev)
+    assert ev["loss"] == pytest.approx(h[-1]["eval_loss"])
+    assert t.summary["eval"]["loss"] == pytest.approx(ev["loss"])
+
+
+def test_jsonl_source_and_first_loss_ln2(tmp_path):
+    f = tmp_path / "prefs.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in DATA[:16]))
+    t = DPOTrainer(model(0), train_dataset=str(f), config=cfg(max_steps=2))
+    assert t.train()[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    with pytest.raises(ValueError, match="train_dataset"), pytest.warns(UserWarning, match="dropped 1 of 1"):
+        DPOTrainer(model(0), train_dataset=[dict(prompt="p" * 100, chosen="a", rejected="b")],
+                   config=cfg(max_length=16))
+
+
+def test_explicit_reference_and_rpo_alpha():
+    ref = model(1)
+    h0 = DPOTrainer(model(0), ref_model=ref, train_dataset=DATA, config=cfg(max_steps=1)).train()
+    h1 = DPOTrainer(model(0), ref_model=ref, train_dataset=DATA, config=cfg(max_steps=1, rpo_alpha=2.0)).train()
+    assert h0[0]["loss"] != pytest.approx(math.log(2), abs=1e-3)          # the reference is not the policy
+    assert h1[0]["loss"] == pytest.approx(h0[0]["loss"] + 2.0 * h0[0]["nll_loss"], rel=1e-6)
+    m = model(0)
+    with pytest.raises(ValueError, match="ref_model"):
+        DPOTrainer(m, ref_model=m, train_dataset=DATA, config=BASE)
+
+
+def test_transformers_gpt2_from_config(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok = ByteTokenizer()
+    config = transformers.GPT2Config(vocab_size=tok.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    gpt = transformers.GPT2LMHeadModel(config)
+    t = DPOTrainer(gpt, tokenizer=tok, train_dataset=DATA, config=cfg(max_steps=3, rpo_alpha=0.1))
+    h = t.train()
+    assert h[0]["loss"] > 0 and all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in h)
+    no_rpo = DPOTrainer(transformers.GPT2LMHeadModel(config), tokenizer=tok, train_dataset=DATA, config=cfg(max_steps=1))
+    assert no_rpo.train()[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    p = t.save(tmp_path / "gpt")
+    assert (p / "config.json").exists()
+    back = transformers.GPT2LMHeadModel.from_pretrained(p)
+    assert same(weights(back), weights(gpt))
