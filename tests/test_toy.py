@@ -1,0 +1,112 @@
+"Properties of dpo_lit.toy that do not belong in the chapter: input validation and invariances."
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dpo_lit.toy import (MarkovLanguage, TinyLM, TinyLMConfig, WordTokenizer, best_of_n, bon_kl_bound,
+                         completion_logps, generate, optimal_frontier, pack_completions, sft_train)
+
+
+@pytest.fixture(scope="module")
+def lang():
+    return MarkovLanguage(seed=0)
+
+
+@pytest.fixture(scope="module")
+def model(lang):
+    torch.manual_seed(0)
+    return TinyLM.from_config(vocab_size=lang.tokenizer.vocab_size).eval()
+
+
+def test_tokenizer_rejects_bad_input():
+    with pytest.raises(ValueError, match="words"):
+        WordTokenizer(["a", "a"])
+    with pytest.raises(ValueError, match="words"):
+        WordTokenizer(["two words"])
+    tok = WordTokenizer(["a", "b"])
+    assert tok.encode(" a  b ") == [2, 3] and tok("a")["input_ids"] == [2]
+    with pytest.raises(ValueError, match="'c'"):
+        tok.encode("a c")
+
+
+@pytest.mark.parametrize("field, value", [("vocab_size", 0), ("d_model", 3.0), ("n_layers", True), ("dropout", 1.0)])
+def test_config_names_the_bad_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        TinyLMConfig(**{field: value})
+
+
+def test_from_config_takes_config_or_keywords():
+    with pytest.raises(TypeError):
+        TinyLM.from_config(TinyLMConfig(), d_model=64)
+    assert TinyLM.from_config(d_model=16, n_heads=4).config.d_model == 16
+
+
+def test_language_validation_and_exact_length(lang):
+    with pytest.raises(ValueError, match="completion_len"):
+        MarkovLanguage(completion_len=0)
+    x, y = lang.sample(5, seed=3)
+    assert torch.equal(x, lang.sample(5, seed=3)[0])
+    assert ((y[:, :-1] >= lang.offset) & (y[:, :-1] < lang.tokenizer.vocab_size)).all()
+    np.testing.assert_allclose(lang.P.sum(1), 1.0)
+
+
+def test_generate_validates_and_handles_ragged_prompts(model):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, [[2]], 0)
+    with pytest.raises(ValueError, match="top_k"):
+        generate(model, [[2]], 1, top_k=0)
+    with pytest.raises(ValueError, match="prompts_ids"):
+        generate(model, [[]], 1)
+    prompts = [[2, 3, 4, 5], [6], [7, 8]]
+    together = generate(model, prompts, 5, temperature=0)
+    alone = [generate(model, [p], 5, temperature=0)[0] for p in prompts]
+    assert together == alone                       # left padding does not change greedy decoding
+
+
+def test_generate_stops_at_eos_and_batches_do_not_matter(model):
+    ids, lps = generate(model, [[2, 3]] * 64, 8, eos_token_id=1, seed=0, return_logps=True)
+    for y, lp in zip(ids, lps):
+        assert len(y) == len(lp) and 1 <= len(y) <= 8
+        assert 1 not in y[:-1]
+    logps = completion_logps(model, [[2, 3]] * 64, ids)
+    torch.testing.assert_close(torch.stack([lp.sum() for lp in lps]), logps, atol=1e-4, rtol=1e-5)
+    small = completion_logps(model, [[2, 3]] * 64, ids, batch_size=7)
+    torch.testing.assert_close(small, logps, atol=1e-5, rtol=1e-5)
+
+
+def test_pack_completions_mask(lang):
+    ids, am, cm = pack_completions([[2, 3], [4]], [[5, 1], [6, 7, 1]])
+    assert ids.tolist() == [[2, 3, 5, 1], [4, 6, 7, 1]]
+    assert cm.tolist() == [[False, False, True, True], [False, True, True, True]]
+    with pytest.raises(ValueError, match="completions"):
+        pack_completions([[2]], [[3], [4]])
+
+
+def test_sft_validates_and_reduces_loss(lang):
+    torch.manual_seed(0)
+    m = TinyLM.from_config(vocab_size=lang.tokenizer.vocab_size)
+    x, y = lang.sample(512, seed=0)
+    with pytest.raises(ValueError, match="steps"):
+        sft_train(m, x, y, steps=0)
+    losses = sft_train(m, x, y, steps=60, seed=0)
+    assert np.mean(losses[-10:]) < losses[0] - 0.3
+
+
+def test_frontier_limits(lang):
+    x, _ = lang.sample(64, seed=0)
+    far = optimal_frontier(lang, x, [1e6])[0]
+    assert abs(far[0]) < 1e-6                      # β → ∞: π* = P
+    near = optimal_frontier(lang, x, [1e-3])[0]
+    assert near[1] == pytest.approx(lang.completion_len * lang.scores.max(), abs=1e-3)  # β → 0: the best words
+    with pytest.raises(ValueError, match="beta"):
+        optimal_frontier(lang, x, [0.0])
+
+
+def test_bon_bound_and_validation(lang, model):
+    assert bon_kl_bound(1) == 0.0 and bon_kl_bound(2) == pytest.approx(math.log(2) - 0.5)
+    with pytest.raises(ValueError, match="pool"):
+        best_of_n(model, lang, [[2, 3, 4]], ns=(1, 8), pool=4)
+    out = best_of_n(model, lang, [[2, 3, 4]] * 4, ns=(1, 2, 4), pool=16, seed=0)
+    assert (out["kl"] <= out["bound"] + 1e-12).all()
