@@ -3,60 +3,60 @@
 # %% auto #0
 __all__ = ['F_DIVERGENCES', 'LOSS_TYPES', 'F_DIVERGENCE_LOSS_TYPES', 'preference_loss']
 
-# %% ../nbs/03_losses.ipynb #5f28fafd
+# %% ../nbs/03_losses.ipynb #f3d7620b
 import math
 import numbers
 
 import torch
 import torch.nn.functional as F
 
-# %% ../nbs/03_losses.ipynb #f9d407cc
+# %% ../nbs/03_losses.ipynb #574a1014
 def _sigmoid_loss(z, eps=0.0):
     "DPO's logistic loss of the margin `z`; `eps` > 0 is conservative DPO's label smoothing."
     return (1 - eps) * F.softplus(-z) + eps * F.softplus(z)
 
-# %% ../nbs/03_losses.ipynb #2b405b47
+# %% ../nbs/03_losses.ipynb #3a23e69e
 def _hinge_loss(z):
     "SLiC's hinge on the margin: zero once `z` reaches 1."
     return torch.relu(1 - z)
 
-# %% ../nbs/03_losses.ipynb #3e4f774c
+# %% ../nbs/03_losses.ipynb #85007d7c
 def _ipo_loss(h, beta):
     "IPO's squared distance of the log-ratio difference `h` from its target 1/(2β)."
     return (h - 1 / (2 * beta)) ** 2
 
-# %% ../nbs/03_losses.ipynb #0c94b312
+# %% ../nbs/03_losses.ipynb #4e24f798
 def _exo_pair_loss(z, eps):
     "EXO's KL from the pair distribution (σ(z), σ(-z)) to the smoothed label (1-ε, ε)."
     return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
             + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
 
-# %% ../nbs/03_losses.ipynb #598bfdca
+# %% ../nbs/03_losses.ipynb #c3164365
 def _robust_loss(z, eps):
     "rDPO's unbiased estimate of the clean DPO loss under label flips with rate `eps`."
     return ((1 - eps) * F.softplus(-z) - eps * F.softplus(z)) / (1 - 2 * eps)
 
-# %% ../nbs/03_losses.ipynb #c55fd824
+# %% ../nbs/03_losses.ipynb #a74153b0
 def _discopop_loss(z, tau=0.05):
     "DiscoPOP's blend of the logistic and exponential losses, weighted by σ(z/τ)."
     return torch.sigmoid(-z / tau) * F.softplus(-z) + torch.exp(-z + F.logsigmoid(z / tau))
 
-# %% ../nbs/03_losses.ipynb #caa3c541
+# %% ../nbs/03_losses.ipynb #9f9b316a
 def _nca_pair_loss(r_w, r_l):
     "NCA's pairwise loss of the chosen and rejected rewards."
     return F.softplus(-r_w) + 0.5 * F.softplus(r_w) + 0.5 * F.softplus(r_l)
 
-# %% ../nbs/03_losses.ipynb #16a91f65
+# %% ../nbs/03_losses.ipynb #32b938cb
 def _bco_pair_loss(r_w, r_l, delta=0.0):
     "BCO's pairwise loss: chosen and rejected rewards classified around the shift `delta`."
     return F.softplus(-(r_w - delta)) + F.softplus(r_l - delta)
 
-# %% ../nbs/03_losses.ipynb #f5659307
+# %% ../nbs/03_losses.ipynb #3365a1a3
 def _sppo_hard_loss(rho_w, rho_l, beta):
     "SPPO with hard win probabilities: each log-ratio regressed onto ±1/(2β)."
     return (rho_w - 1 / (2 * beta)) ** 2 + (rho_l + 1 / (2 * beta)) ** 2
 
-# %% ../nbs/03_losses.ipynb #d4657d70
+# %% ../nbs/03_losses.ipynb #3406e28e
 def _apo_zero_loss(r_w, r_l):
     "APO-zero: push the chosen reward up and the rejected reward down."
     return torch.sigmoid(-r_w) + torch.sigmoid(r_l)
@@ -65,7 +65,7 @@ def _apo_down_loss(r_w, r_l):
     "APO-down: push the chosen reward down, and the rejected one down further."
     return torch.sigmoid(r_w) + torch.sigmoid(-(r_w - r_l))
 
-# %% ../nbs/03_losses.ipynb #96cba66d
+# %% ../nbs/03_losses.ipynb #36ad1ed9
 def _aot_loss(d, d_ref, beta, eps=0.0):
     "AOT (paired): cDPO loss of sorted policy minus sorted reference log-likelihood differences."
     return _sigmoid_loss(beta * (torch.sort(d).values - torch.sort(d_ref).values), eps)
@@ -74,7 +74,7 @@ def _aot_unpaired_loss(rho_w, rho_l, beta, eps=0.0):
     "AOT (unpaired): cDPO loss of sorted chosen minus sorted rejected log-ratios."
     return _sigmoid_loss(beta * (torch.sort(rho_w).values - torch.sort(rho_l).values), eps)
 
-# %% ../nbs/03_losses.ipynb #f3ac9ffb
+# %% ../nbs/03_losses.ipynb #ef1fd2fd
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 def _f_score(rho, f_divergence="reverse_kl", alpha=0.5):
@@ -85,7 +85,7 @@ def _f_score(rho, f_divergence="reverse_kl", alpha=0.5):
     if f_divergence == "alpha_divergence": return -torch.expm1(-alpha * rho) / alpha
     raise ValueError(f"f_divergence must be one of {F_DIVERGENCES}, got {f_divergence!r}")
 
-# %% ../nbs/03_losses.ipynb #50e8c949
+# %% ../nbs/03_losses.ipynb #0d1e812c
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
               "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
 F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "robust", "discopop", "sigmoid_norm")
@@ -170,7 +170,7 @@ def _check_logps(logps):
     if len(ts) == 2: ts += [torch.zeros_like(ts[0]), torch.zeros_like(ts[1])]  # reference-free
     return ts
 
-# %% ../nbs/03_losses.ipynb #3ddce2d6
+# %% ../nbs/03_losses.ipynb #d4c6526f
 def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
                     beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
                     chosen_lengths=None, rejected_lengths=None, loss_weights=None,

@@ -3,12 +3,12 @@
 # %% auto #0
 __all__ = ['kl_objective', 'log_partition', 'optimal_policy', 'implicit_reward']
 
-# %% ../nbs/01_optimal_policy.ipynb #cc3a561e
+# %% ../nbs/01_optimal_policy.ipynb #53e20b79
 import math
 
 import numpy as np
 
-# %% ../nbs/01_optimal_policy.ipynb #68ebdf3f
+# %% ../nbs/01_optimal_policy.ipynb #8d08a833
 def _check_beta(beta):
     "`beta` as a positive finite float, or a ValueError."
     if isinstance(beta, (bool, np.bool_, str, bytes)) or np.ndim(beta) != 0:
@@ -59,7 +59,7 @@ def _scalar_if_0d(a):
     "A Python float for a 0-d result, the array otherwise."
     return float(a) if np.ndim(a) == 0 else a
 
-# %% ../nbs/01_optimal_policy.ipynb #b3c9e344
+# %% ../nbs/01_optimal_policy.ipynb #fd6d8b85
 def kl_objective(policy, ref_probs, rewards, beta):
     "$J_x(\\pi) = \\mathbb{E}_\\pi[r] - \\beta\\,\\mathrm{KL}(\\pi \\| \\pi_{ref})$ along the last axis, eq. (opt-per-prompt)."
     beta = _check_beta(beta)
@@ -71,7 +71,7 @@ def kl_objective(policy, ref_probs, rewards, beta):
     kl = np.sum(policy * log_ratio, axis=-1)
     return _scalar_if_0d(np.sum(policy * rewards, axis=-1) - beta * kl)
 
-# %% ../nbs/01_optimal_policy.ipynb #b7b46287
+# %% ../nbs/01_optimal_policy.ipynb #a075568c
 def _gibbs_logits(ref_probs, rewards, beta):
     "$\\log\\pi_{ref} + r/\\beta$ (validated and broadcast), the unnormalised log of eq. (opt-gibbs-policy)."
     beta = _check_beta(beta)
@@ -85,7 +85,7 @@ def _shifted_exp(logits):
     d = logits - m
     return m, np.exp(d, out=np.zeros(d.shape), where=d > -700.0)
 
-# %% ../nbs/01_optimal_policy.ipynb #3b4823fe
+# %% ../nbs/01_optimal_policy.ipynb #74c0582b
 def log_partition(ref_probs, rewards, beta):
     "$\\log Z(x)$ of eq. (opt-partition), computed stably as eq. (opt-log-partition)."
     m, e = _shifted_exp(_gibbs_logits(ref_probs, rewards, beta))
@@ -96,7 +96,7 @@ def optimal_policy(ref_probs, rewards, beta):
     _, e = _shifted_exp(_gibbs_logits(ref_probs, rewards, beta))
     return e / e.sum(axis=-1, keepdims=True)
 
-# %% ../nbs/01_optimal_policy.ipynb #5b9f5cdb
+# %% ../nbs/01_optimal_policy.ipynb #f044e003
 def implicit_reward(policy, ref_probs, beta, log_Z=None):
     "$\\beta\\log(\\pi/\\pi_{ref}) + \\beta\\log Z(x)$ along the last axis, eq. (opt-reparam); $\\log Z$ omitted if `log_Z` is None."
     beta = _check_beta(beta)

@@ -3,10 +3,10 @@
 # %% auto #0
 __all__ = ['sigmoid', 'log_sigmoid', 'bradley_terry_prob', 'sample_preferences', 'reward_model_nll', 'fit_bradley_terry']
 
-# %% ../nbs/00_preferences.ipynb #3c50b1ff
+# %% ../nbs/00_preferences.ipynb #bd01de19
 import numpy as np
 
-# %% ../nbs/00_preferences.ipynb #f9f91605
+# %% ../nbs/00_preferences.ipynb #6d43ea61
 _EXP_CUTOFF = 700.0   # e^{-700} ~ 1e-304: below it, e^{-|x|} is 0 next to 1 in double precision
 
 def _exp_neg_abs(x):
@@ -14,7 +14,7 @@ def _exp_neg_abs(x):
     a = np.abs(x)
     return np.exp(-a, out=np.zeros_like(a), where=a < _EXP_CUTOFF)
 
-# %% ../nbs/00_preferences.ipynb #9c4fca4c
+# %% ../nbs/00_preferences.ipynb #6be79434
 def sigmoid(x):
     "Stable logistic function $\\sigma(x) = 1/(1 + e^{-x})$, elementwise, eq. (pref-stable-sigmoid)."
     x = np.asarray(x, dtype=np.float64)
@@ -30,7 +30,7 @@ def bradley_terry_prob(reward_1, reward_2):
     "Probability $p(y_1 \\succ y_2 \\mid x) = \\sigma(r_1 - r_2)$ that the first completion is preferred, eq. (pref-bt)."
     return sigmoid(np.asarray(reward_1, dtype=np.float64) - np.asarray(reward_2, dtype=np.float64))
 
-# %% ../nbs/00_preferences.ipynb #b97da69b
+# %% ../nbs/00_preferences.ipynb #eba2c42b
 def sample_preferences(rewards, n_pairs, rng=None, *, policy=None):
     "Draw `n_pairs` labelled pairs of distinct completions, preferring $y_1$ with probability eq. (pref-bt); a dict of index arrays."
     rewards = np.asarray(rewards, dtype=np.float64)
@@ -58,7 +58,7 @@ def sample_preferences(rewards, n_pairs, rng=None, *, policy=None):
     first_wins = rng.random(n_pairs) < sigmoid(table[prompt, y1] - table[prompt, y2])
     return {"prompt": prompt, "chosen": np.where(first_wins, y1, y2), "rejected": np.where(first_wins, y2, y1)}
 
-# %% ../nbs/00_preferences.ipynb #47c18c9b
+# %% ../nbs/00_preferences.ipynb #beb64533
 def reward_model_nll(rewards_chosen, rewards_rejected):
     "Bradley-Terry negative log-likelihood $-\\mathrm{mean}\\,\\log\\sigma(r_w - r_l)$, eq. (pref-rm-loss)."
     rewards_chosen = np.asarray(rewards_chosen, dtype=np.float64)
@@ -70,7 +70,7 @@ def reward_model_nll(rewards_chosen, rewards_rejected):
         raise ValueError(f"rewards_rejected has shape {rewards_rejected.shape}, rewards_chosen {rewards_chosen.shape}")
     return float(-np.mean(log_sigmoid(rewards_chosen - rewards_rejected)))
 
-# %% ../nbs/00_preferences.ipynb #26e8cfc8
+# %% ../nbs/00_preferences.ipynb #15412dee
 def fit_bradley_terry(chosen, rejected, n_completions, prompt=None, n_prompts=None, *, l2=0.0, max_iter=50, tol=1e-10):
     "Maximum-likelihood tabular rewards, eq. (pref-rm-loss), by Newton's method eq. (pref-newton); mean zero per prompt."
     chosen, rejected, single = np.asarray(chosen), np.asarray(rejected), prompt is None

@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['log_ratio_margin', 'dpo_loss', 'dpo_gradients', 'naive_dpo_gradients']
 
-# %% ../nbs/02_dpo_objective.ipynb #a06dbe9a
+# %% ../nbs/02_dpo_objective.ipynb #dfeca852
 import math
 import numbers
 
@@ -11,7 +11,7 @@ import numpy as np
 
 from .preferences import log_sigmoid, sigmoid
 
-# %% ../nbs/02_dpo_objective.ipynb #eb2e4ec3
+# %% ../nbs/02_dpo_objective.ipynb #ea6b3105
 _LOGPROB_NAMES = ("pi_logprobs_chosen", "pi_logprobs_rejected", "ref_logprobs_chosen", "ref_logprobs_rejected")
 
 def _as_logprobs(name, x):
@@ -40,7 +40,7 @@ def _check_beta(beta):
         raise ValueError(f"beta must be a positive real number, got {beta!r}")
     return b
 
-# %% ../nbs/02_dpo_objective.ipynb #1e380452
+# %% ../nbs/02_dpo_objective.ipynb #4bba7fa2
 def log_ratio_margin(pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen, ref_logprobs_rejected):
     "Log-ratio margin $h$ of each pair, eq. (dpo-margin), after validating the four arrays."
     arrays = [_as_logprobs(n, a) for n, a in zip(_LOGPROB_NAMES, (pi_logprobs_chosen, pi_logprobs_rejected,
@@ -52,14 +52,14 @@ def log_ratio_margin(pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chos
     pc, pr, rc, rr = arrays
     return (pc - rc) - (pr - rr)
 
-# %% ../nbs/02_dpo_objective.ipynb #0bb2d043
+# %% ../nbs/02_dpo_objective.ipynb #ac7051b1
 def dpo_loss(pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen, ref_logprobs_rejected, beta=0.1):
     r"Mean DPO loss $-\log\sigma(z)$ over the pairs, eq. (dpo-loss), with $z = \beta h$ from eq. (dpo-margin)."
     beta = _check_beta(beta)
     z = beta * log_ratio_margin(pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen, ref_logprobs_rejected)
     return float(0.0 - np.mean(log_sigmoid(z)))       # 0.0 - m: a zero loss is +0.0
 
-# %% ../nbs/02_dpo_objective.ipynb #153fcf0c
+# %% ../nbs/02_dpo_objective.ipynb #d3b90da4
 def dpo_gradients(pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen, ref_logprobs_rejected, beta=0.1):
     "Mean DPO loss, its gradients w.r.t. the policy log-probs (eq. (dpo-grad-logps)) and the mean margin $h$."
     beta = _check_beta(beta)
@@ -69,7 +69,7 @@ def dpo_gradients(pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen,
     return {"loss": float(0.0 - np.mean(log_sigmoid(z))), "grad_chosen": np.subtract(0.0, g), "grad_rejected": g,
             "mean_reward_margin": float(np.mean(h))}
 
-# %% ../nbs/02_dpo_objective.ipynb #c4ffcc0c
+# %% ../nbs/02_dpo_objective.ipynb #057c713b
 def naive_dpo_gradients(pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen, ref_logprobs_rejected, beta=0.1):
     r"The unweighted objective $-\mathbb{E}[z]$ and its gradients (eq. (dpo-naive-grad)), keyed like `dpo_gradients`."
     beta = _check_beta(beta)
