@@ -89,9 +89,12 @@ def _copy_mathjax(app, exception):
 def _config_inited(app, config):
     # A relative mathjax_path is resolved against _static/ by Sphinx.
     config.mathjax_path = "mathjax/tex-chtml.js"
+    # The book's own stylesheet (a wider text column for code), served from _static/.
+    config.html_static_path = [*config.html_static_path, str(Path(__file__).parent / "static")]
 
 
 def setup(app):
     app.connect("config-inited", _config_inited)
     app.connect("build-finished", _copy_mathjax)
+    app.add_css_file("dpo_lit.css")
     return {"parallel_read_safe": True, "parallel_write_safe": True}
