@@ -7,6 +7,7 @@ import copy
 import contextlib
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import os
@@ -26,6 +27,9 @@ from torch import nn
 from .data import ByteTokenizer, PreferenceCollator, length_grouped_batches, load_preferences
 from .logprobs import concatenated_forward
 from .losses import LOSS_TYPES, preference_loss
+from .scale import (DISTRIBUTED, adapters_disabled, all_reduce_sum, barrier, cached_reference_logps, dist_info,
+                           fsdp_wrap, init_distributed, is_peft_model, precompute_reference_logps, reference_fingerprint,
+                           release_memory, shard_window, weights_digest)
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'LR_SCHEDULERS', 'ON_NONFINITE', 'DPOConfig', 'window_denominators', 'lr_factor', 'resolve_device',
@@ -80,6 +84,10 @@ class DPOConfig:
     on_nonfinite: str = "raise"        # raise, or skip the step and count it
     progress_bar: bool = True
     verbose: bool = True               # print the device/precision choice and a summary
+    # scaling out (chapter "Scaling out")
+    precompute_ref: bool = False       # reference log-probs once, before training, then the reference is released
+    ref_cache_dir: str | None = None   # cache of precomputed reference log-probs (None: output_dir/reference_cache)
+    distributed: str = "auto"          # under torchrun: auto (= ddp), ddp, fsdp; none ignores torchrun
 
     def __post_init__(self): self.validate()
 
@@ -123,6 +131,10 @@ class DPOConfig:
         if self.save_total_limit is not None and (not is_int(self.save_total_limit) or self.save_total_limit < 1):
             bad("save_total_limit", "must be an integer >= 1 or None")
         if self.save_steps and not self.output_dir: bad("save_steps", "needs an output_dir to save into")
+        if not isinstance(self.precompute_ref, bool): bad("precompute_ref", "must be True or False")
+        if self.ref_cache_dir is not None and not isinstance(self.ref_cache_dir, (str, os.PathLike)):
+            bad("ref_cache_dir", "must be a directory path or None")
+        if self.distributed not in DISTRIBUTED: bad("distributed", f"must be one of {DISTRIBUTED}")
         try:   # the combinations the loss itself rejects (e.g. 'robust' with label_smoothing 0.5)
             z = torch.zeros(1)
             preference_loss(z, z, z, z, beta=self.beta, loss_type=self.loss_type, loss_weights=self.loss_weights,
@@ -305,26 +317,41 @@ class DPOTrainer:
         if not isinstance(cfg, DPOConfig): raise TypeError(f"config must be a DPOConfig, got {type(cfg).__name__}")
         if train_dataset is None: raise ValueError("train_dataset is required")
         if ref_model is model: raise ValueError("ref_model must not be the policy itself: pass None for a frozen copy")
+        # under torchrun: join the process group; DDP (or FSDP) wraps the model below
+        distributed = cfg.distributed != "none" and init_distributed()
+        self.strategy = ("ddp" if cfg.distributed == "auto" else cfg.distributed) if distributed else "none"
+        self.rank, self.world_size, local_rank = dist_info() if distributed else (0, 1, 0)
         self.device = resolve_device(cfg.device)
+        if distributed and self.device.type == "cuda" and cfg.device in ("auto", "cuda"):
+            self.device = torch.device("cuda", local_rank)      # one GPU per process
         self.precision, self._precision_reason = resolve_precision(cfg.precision, self.device)
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
         self.collator = PreferenceCollator(self.tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
         self.train_examples = self._prepare(train_dataset, "train_dataset")
         self.eval_examples = self._prepare(eval_dataset, "eval_dataset") if eval_dataset is not None else None
-        self.ref_is_copy = ref_model is None
-        self.ref_model = self._make_reference(model, ref_model)
+        # the reference: a given model, the policy with its LoRA adapters off, or a frozen copy of the policy
+        self.ref_kind = "given" if ref_model is not None else "adapters off" if is_peft_model(model) else "copy"
+        self.ref_is_copy = self.ref_kind == "copy"
         self.model = model.to(self.device)
+        if self.ref_kind == "given": self.ref_model = self._make_reference(model, ref_model)
+        elif self.ref_kind == "copy" and not cfg.precompute_ref: self.ref_model = self._make_reference(model, None)
+        else: self.ref_model = None        # adapters off, or precomputed from the starting policy itself: no copy
         if cfg.disable_dropout:
             for m in (self.model, self.ref_model):
                 if m is not None: _disable_dropout(m)
+        self.ref_released = False
+        if cfg.precompute_ref: self._precompute_reference()
+        self.model = self._wrap(self.model)
+        if self.strategy == "fsdp" and self.ref_model is not None: self.ref_model = fsdp_wrap(self.ref_model)
         self.optimizer = self._make_optimizer()
-        self.windows_per_epoch = math.ceil(len(self.train_examples) / (cfg.batch_size * cfg.grad_accum_steps))
+        self._plan_cache = None
+        self.windows_per_epoch = len(self._plan(0))
         self.total_steps = cfg.max_steps or cfg.num_epochs * self.windows_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
             lr_factor, scheduler=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps, total_steps=self.total_steps))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.state = dict(step=0, epoch=0, batch=0, skipped_steps=0, seed=cfg.seed)
-        self.history, self.summary, self._plan_cache, self._rng_at_step_start = [], {}, None, None
+        self.history, self.summary, self._rng_at_step_start = [], {}, None
 
     # ----- set-up -----
     def _prepare(self, dataset, name):
@@ -367,27 +394,48 @@ class DPOTrainer:
         dist = torch.distributed
         return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
+    def _wrap(self, model):
+        "The policy as the run trains it: bare, in DistributedDataParallel, or sharded by FSDP's fully_shard."
+        if self.strategy == "ddp":
+            kw = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(
+                nn.parallel.DistributedDataParallel).parameters else {"broadcast_buffers": False})
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return nn.parallel.DistributedDataParallel(model, device_ids=ids, **kw)
+        return fsdp_wrap(model) if self.strategy == "fsdp" else model
+
     def _sync_context(self, last):
-        "Context for a micro-batch's backward; a DDP run skips the gradient all-reduce unless `last`."
+        "Context for a micro-batch's backward; a DDP or FSDP run reduces gradients across ranks only if `last`."
+        if self.strategy == "ddp" and not last: return self.model.no_sync()
+        if self.strategy == "fsdp": self.model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
 
     def _window_denominators(self, batches):
-        "Pairs and chosen tokens of the window (summed over ranks in a distributed run)."
-        return window_denominators(batches)
+        "Pairs and chosen tokens of the window; distributed: of the global window, divided by the number of ranks."
+        n_pairs, n_tokens = window_denominators(batches)
+        if self.world_size == 1: return n_pairs, n_tokens
+        n_pairs, n_tokens = all_reduce_sum([n_pairs, n_tokens], self.device)
+        return n_pairs / self.world_size, n_tokens / self.world_size   # the ranks' gradients are averaged
 
     def _plan(self, epoch):
-        "The windows of micro-batches (lists of example indices) of `epoch`, cached."
+        "The windows of micro-batches (lists of example indices) of `epoch` (this rank's share of each), cached."
         if self._plan_cache is None or self._plan_cache[0] != epoch:
-            cfg = self.config
+            cfg, W = self.config, self.world_size
             lengths = [len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in self.train_examples]
-            self._plan_cache = (epoch, plan_epoch(len(self.train_examples), cfg.batch_size, cfg.grad_accum_steps,
-                                                  seed=cfg.seed, epoch=epoch, lengths=lengths,
-                                                  group_by_length=cfg.group_by_length))
+            plan = plan_epoch(len(self.train_examples), cfg.batch_size * W, cfg.grad_accum_steps, seed=cfg.seed,
+                              epoch=epoch, lengths=lengths, group_by_length=cfg.group_by_length)
+            if W > 1:   # every rank needs the same number of micro-batches: a last window too small for that is dropped
+                plan = [shard_window(w, self.rank, W, cfg.batch_size) for w in plan
+                        if all(shard_window(w, r, W, cfg.batch_size) for r in range(W))]
+            self._plan_cache = (epoch, plan)
         return self._plan_cache[1]
 
     def _collate(self, examples):
-        "A collated micro-batch on the device."
-        return {k: v.to(self.device) for k, v in self.collator(examples).items()}
+        "A collated micro-batch on the device, with the examples' precomputed reference log-probs if they have any."
+        batch = {k: v.to(self.device) for k, v in self.collator(examples).items()}
+        if examples and "ref_chosen_logps" in examples[0]:
+            for k in ("ref_chosen_logps", "ref_rejected_logps"):
+                batch[k] = torch.tensor([e[k] for e in examples], dtype=torch.float32, device=self.device)
+        return batch
 
     def _autocast(self):
         "Autocast for the forward passes: bf16/fp16 per the precision, off in fp32."
@@ -397,8 +445,54 @@ class DPOTrainer:
     @torch.no_grad()
     def reference_logps(self, batch):
         "Reference log-probs of a collated batch: dict with 'chosen_logps' and 'rejected_logps' [B]."
+        if "ref_chosen_logps" in batch:          # precomputed: they travel with their examples
+            return {"chosen_logps": batch["ref_chosen_logps"], "rejected_logps": batch["ref_rejected_logps"]}
+        if self.ref_released:
+            raise ValueError("precompute_ref=True released the reference model: only the train_dataset and eval_dataset "
+                             "given to the trainer have reference log-probs")
+        return self._reference_forward(batch)
+
+    @torch.no_grad()
+    def _reference_forward(self, batch):
+        "A live reference pass: the reference model, the policy with its adapters off, or the (starting) policy itself."
         with self._autocast():
-            return concatenated_forward(self.ref_model, batch)
+            if self.ref_model is not None: return concatenated_forward(self.ref_model, batch)
+            model = self._unwrap(self.model)
+            if self.ref_kind == "adapters off":
+                with adapters_disabled(model): return concatenated_forward(model, batch)
+            was = model.training                # precompute_ref with no ref_model: before any update, in eval mode
+            model.eval()
+            try: return concatenated_forward(model, batch)
+            finally: model.train(was)
+
+    def _precompute_reference(self):
+        "Reference log-probs of every train and eval pair, computed once (or read from the cache); then release the reference."
+        cfg, main = self.config, self.is_main_process
+        log = print if cfg.verbose and main else (lambda *a: None)
+        source = self.ref_model if self.ref_model is not None else self.model
+        digest = weights_digest(source, skip=(lambda n: "lora_" in n) if self.ref_kind == "adapters off" else None)
+        cache = cfg.ref_cache_dir or (str(Path(cfg.output_dir) / "reference_cache") if cfg.output_dir else None)
+        plain = lambda examples: {k: v.to(self.device) for k, v in self.collator(examples).items()}
+        for name, examples in (("train", self.train_examples), ("eval", self.eval_examples)):
+            if not examples: continue
+            fp = reference_fingerprint(examples, self.tokenizer, digest, max_length=cfg.max_length,
+                                       max_prompt_length=cfg.max_prompt_length, precision=self.precision)
+            def compute():
+                c, r = precompute_reference_logps(self._reference_forward, examples, plain, batch_size=cfg.batch_size,
+                                                  indices=range(self.rank, len(examples), self.world_size),
+                                                  progress=cfg.progress_bar and main, desc=f"reference log-probs ({name})")
+                if self.world_size > 1:         # each rank filled its share; the other slots hold zeros
+                    c, r = torch.tensor(all_reduce_sum(torch.cat([c, r]).tolist(), self.device)).float().view(2, -1)
+                return c, r
+            c, r = cached_reference_logps(cache, fp, compute, write=main, log=log)
+            barrier()
+            for e, vc, vr in zip(examples, c.tolist(), r.tolist()):
+                e["ref_chosen_logps"], e["ref_rejected_logps"] = vc, vr
+        if self.ref_kind != "adapters off":     # the reference has done its work: free its device memory
+            if self.ref_model is not None and self.ref_kind == "given" and self.device.type != "cpu":
+                self.ref_model.to("cpu")
+            self.ref_model, self.ref_released = None, True
+            release_memory(self.device)
 
     def _log(self, row):
         "Append a row to output_dir/metrics.jsonl (main process only)."
@@ -431,6 +525,8 @@ class DPOTrainer:
         vals = torch.stack([sum(parts["loss"]), cr.sum() / n_pairs, rr.sum() / n_pairs, acc.sum() / n_pairs,
                             (cr - rr).sum() / n_pairs, torch.cat(parts["pc"]).sum() / n_pairs,
                             torch.cat(parts["pr"]).sum() / n_pairs, sum(parts["nll"])]).tolist()
+        if self.world_size > 1:   # each rank holds its share of the global sums: average over ranks
+            vals = [v / self.world_size for v in all_reduce_sum(vals, self.device)]
         metrics = dict(zip(_METRIC_KEYS, vals))
         metrics["_micro_losses"] = torch.stack(parts["loss"]).tolist()
         return metrics
@@ -484,7 +580,9 @@ class DPOTrainer:
         return row
 
     def _grad_norm(self):
-        "The total L2 norm of the gradients, before clipping (a distributed sharded model overrides it)."
+        "The total L2 norm of the gradients, before clipping (of the whole model, also when FSDP shards it)."
+        if self.strategy == "fsdp":
+            return float(nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], float("inf")))
         norms = [torch.linalg.vector_norm(p.grad.float()) for p in self.model.parameters() if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
@@ -519,8 +617,8 @@ class DPOTrainer:
         except KeyboardInterrupt:
             self.optimizer.zero_grad(set_to_none=True)
             if self._rng_at_step_start is not None: set_rng_state(self._rng_at_step_start)
-            if cfg.output_dir and self.is_main_process:
-                print(f"interrupted: saved {self.save_checkpoint()} (step {self.state['step']})")
+            if cfg.output_dir and self.is_main_process and self.strategy != "fsdp":
+                print(f"interrupted: saved {self.save_checkpoint(sync=False)} (step {self.state['step']})")
             raise
         finally:
             bar.close()
@@ -533,8 +631,11 @@ class DPOTrainer:
         "The step metrics (loss, rewards, accuracies, log-probs) on the eval set, without gradients."
         examples = self.eval_examples if eval_dataset is None else self._prepare(eval_dataset, "eval_dataset")
         if not examples: raise ValueError("evaluate needs an eval_dataset")
-        bs, was_training = self.config.batch_size, self.model.training
-        batches = [self._collate(examples[i:i + bs]) for i in range(0, len(examples), bs)]
+        bs, was_training, W = self.config.batch_size, self.model.training, self.world_size
+        chunks = [examples[i:i + bs] for i in range(0, len(examples), bs)]
+        if W > 1 and len(examples) >= W * bs:   # each rank its share, in as many micro-batches as the others
+            chunks = [[examples[i] for i in mb] for mb in shard_window([list(range(len(examples)))], self.rank, W, bs)]
+        batches = [self._collate(c) for c in chunks]
         self.model.eval()
         devices = [self.device] if self.device.type == "cuda" else []
         try:
@@ -546,22 +647,33 @@ class DPOTrainer:
         return m
 
     # ----- checkpoints -----
-    def save_checkpoint(self, output_dir=None):
-        "Atomically write checkpoint-<step>: model, optimizer, scheduler, scaler, RNG, data position, history."
-        out = Path(output_dir or self.config.output_dir)
-        if not self.is_main_process: return None
-        model, step = self._unwrap(self.model), self.state["step"]
-        payload = dict(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                       scaler=self.scaler.state_dict(), rng=rng_state(), state=dict(self.state),
-                       history=self.history, config=self.config.to_dict())
-        def write(tmp):
-            torch.save(model.state_dict(), tmp / "model.pt")
-            torch.save(payload, tmp / "trainer_state.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps(
-                dict(step=step, epoch=self.state["epoch"], batch=self.state["batch"], seed=self.config.seed,
-                     config=self.config.to_dict()), indent=1))
-        path = atomic_save_dir(out / f"checkpoint-{step}", write)
-        rotate_checkpoints(out, self.config.save_total_limit)
+    def _full_state_dicts(self):
+        "The model's and the optimizer's full state dicts (gathered from every rank under FSDP: a collective call)."
+        model = self._unwrap(self.model)
+        if self.strategy != "fsdp": return model.state_dict(), self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, self.optimizer, options=opts)
+
+    def save_checkpoint(self, output_dir=None, sync=True):
+        "Atomically write checkpoint-<step>: model, optimizer, scheduler, scaler, RNG, data position, history (rank 0)."
+        out, step = Path(output_dir or self.config.output_dir), self.state["step"]
+        path = out / f"checkpoint-{step}"
+        model_sd, optim_sd = self._full_state_dicts()
+        if sync: barrier()
+        if self.is_main_process:
+            payload = dict(optimizer=optim_sd, scheduler=self.scheduler.state_dict(),
+                           scaler=self.scaler.state_dict(), rng=rng_state(), state=dict(self.state),
+                           history=self.history, config=self.config.to_dict(), world_size=self.world_size)
+            def write(tmp):
+                torch.save(model_sd, tmp / "model.pt")
+                torch.save(payload, tmp / "trainer_state.pt")
+                (tmp / "trainer_state.json").write_text(json.dumps(
+                    dict(step=step, epoch=self.state["epoch"], batch=self.state["batch"], seed=self.config.seed,
+                         world_size=self.world_size, config=self.config.to_dict()), indent=1))
+            atomic_save_dir(path, write)
+            rotate_checkpoints(out, self.config.save_total_limit)
+        if sync: barrier()                       # no rank goes on before the checkpoint is complete
         return path
 
     def load_checkpoint(self, path):
@@ -579,10 +691,17 @@ class DPOTrainer:
         for key in ("seed", "group_by_length"):
             if old.get(key) != getattr(self.config, key):
                 warnings.warn(f"resuming with {key}={getattr(self.config, key)!r}, checkpoint has {old.get(key)!r}: the data order differs")
-        if old["batch_size"] * old["grad_accum_steps"] != self.config.batch_size * self.config.grad_accum_steps:
+        if (old["batch_size"] * old["grad_accum_steps"] * ts.get("world_size", 1)
+                != self.config.batch_size * self.config.grad_accum_steps * self.world_size):
             warnings.warn("resuming with a different global batch size: the data position is not the same")
-        self._unwrap(self.model).load_state_dict(torch.load(path / "model.pt", map_location=self.device, weights_only=True))
-        self.optimizer.load_state_dict(ts["optimizer"])
+        model_sd = torch.load(path / "model.pt", map_location="cpu" if self.strategy == "fsdp" else self.device, weights_only=True)
+        if self.strategy == "fsdp":              # full state dicts, scattered to the shards
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+            set_model_state_dict(self.model, model_sd, options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(self.model, self.optimizer, ts["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            self._unwrap(self.model).load_state_dict(model_sd)
+            self.optimizer.load_state_dict(ts["optimizer"])
         self.scheduler.load_state_dict(ts["scheduler"])
         if ts["scaler"]: self.scaler.load_state_dict(ts["scaler"])
         set_rng_state(ts["rng"])
@@ -591,25 +710,37 @@ class DPOTrainer:
         return path
 
     def save(self, path):
-        "Save the policy atomically: `save_pretrained` for transformers models, else state_dict; plus the config."
+        "Save the policy atomically (rank 0): `save_pretrained` for transformers models, else state_dict; plus the config."
         model, tok = self._unwrap(self.model), self.tokenizer
+        full = self._full_state_dicts()[0] if self.strategy == "fsdp" else None   # every rank takes part
         def write(tmp):
             if hasattr(model, "save_pretrained"):
-                model.save_pretrained(tmp)
+                if full is not None and "state_dict" in inspect.signature(model.save_pretrained).parameters:
+                    model.save_pretrained(tmp, state_dict=full)
+                else:
+                    model.save_pretrained(tmp)
+                    if full is not None: torch.save(full, tmp / "model.pt")
                 if hasattr(tok, "save_pretrained"): tok.save_pretrained(tmp)
             else:
-                torch.save(model.state_dict(), tmp / "model.pt")
+                torch.save(full if full is not None else model.state_dict(), tmp / "model.pt")
             (tmp / "dpo_config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-        return atomic_save_dir(path, write)
+        barrier()
+        if self.is_main_process: atomic_save_dir(path, write)
+        barrier()
+        return Path(path)
 
     # ----- reporting -----
     def _describe(self):
         "One line on where and how the run goes."
         cfg = self.config
         n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        ref = "frozen copy of the starting policy" if self.ref_is_copy else "given model"
+        ref = {"copy": "frozen copy of the starting policy", "given": "given model",
+               "adapters off": "the policy with its adapters disabled"}[self.ref_kind]
+        if self.config.precompute_ref:
+            ref = ("the starting policy" if self.ref_kind == "copy" else ref) + ", log-probs precomputed"
+        ranks = f" on {self.world_size} ranks ({self.strategy})" if self.world_size > 1 else ""
         return (f"DPOTrainer: {self.device}, {self.precision} ({self._precision_reason}); {n:,} trainable parameters; "
-                f"reference: {ref}; {self.total_steps} steps of {cfg.batch_size}x{cfg.grad_accum_steps} pairs")
+                f"reference: {ref}; {self.total_steps} steps of {cfg.batch_size}x{cfg.grad_accum_steps} pairs{ranks}")
 
     def _summarise(self, seconds, start):
         "Fill `self.summary` and print it."

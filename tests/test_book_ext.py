@@ -131,17 +131,23 @@ def test_real_notebooks_lose_every_directive(ext):
 
 def test_mathjax_is_served_from_the_build(ext):
     assert (ext._mathjax_dir() / "tex-chtml.js").is_file(), "the vendored MathJax 3 is missing"
-    config = SimpleNamespace(mathjax_path=None)
+    config = SimpleNamespace(mathjax_path=None, html_static_path=["_static"])
     ext._config_inited(None, config)
     assert config.mathjax_path == "mathjax/tex-chtml.js"
     assert not config.mathjax_path.startswith(("http:", "https:", "//"))
+    # the book's stylesheet directory is added to, not substituted for, the static path
+    assert config.html_static_path[0] == "_static"
+    assert (EXT.parent / "static" / "dpo_lit.css").is_file()
+    assert (EXT.parent / "static").resolve() in [ROOT.joinpath(p).resolve() for p in config.html_static_path]
 
 
 def test_setup_registers_the_hooks(ext):
     events = []
-    app = SimpleNamespace(connect=lambda event, fn: events.append((event, fn)))
+    css = []
+    app = SimpleNamespace(connect=lambda event, fn: events.append((event, fn)), add_css_file=css.append)
     meta = ext.setup(app)
     assert dict(events) == {"config-inited": ext._config_inited, "build-finished": ext._copy_mathjax}
+    assert css == ["dpo_lit.css"]
     assert meta["parallel_read_safe"]
 
 

@@ -16,7 +16,9 @@ import pytest
 from conftest import COLAB, NBS, ROOT, check_link, launch_url, read_settings, read_yaml, toc_files
 
 # Notebooks kept out of the book on purpose (none today); name them here with the reason.
-EXCLUDED_FROM_BOOK: dict[str, str] = {}
+EXCLUDED_FROM_BOOK: dict[str, str] = {
+    "06d_main": "a single export cell, the `python -m dpo_lit` entry point; the command-line chapter explains it",
+}
 
 COLAB_LINK = re.compile(r"https://colab\.research\.google\.com/github/[^\s)\"'<>\]]+")
 
