@@ -13,7 +13,6 @@ def reqs(key):
     return cfg.get(key, "").split()
 
 
-licenses = {"apache2": "License :: OSI Approved :: Apache Software License"}
 setuptools.setup(
     name=cfg["lib_name"],
     version=cfg["version"],
@@ -29,7 +28,6 @@ setuptools.setup(
         "Development Status :: 3 - Alpha",
         "Intended Audience :: Developers",
         "Intended Audience :: Science/Research",
-        licenses[cfg["license"]],
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],

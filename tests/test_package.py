@@ -43,6 +43,7 @@ def timed(name):
     t0 = time.perf_counter()
     yield
     TIMES[name] = time.perf_counter() - t0
+    print(f"\npackage step {name}: {TIMES[name]:.1f} s")
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +252,3 @@ def test_console_script(venv):
         out = subprocess.run([venv / "bin" / name, "--help"], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and "usage" in out.stdout.lower(), f"`{name} --help` failed:\n{out.stderr[-2000:]}"
 
-
-def test_report_times():
-    print("\npackage test timings:", {k: f"{v:.1f} s" for k, v in TIMES.items()})
