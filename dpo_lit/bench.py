@@ -21,17 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .logprobs import fused_sequence_logps, sequence_logps
+from .logprobs import fused_sequence_logps, peak_memory, sequence_logps
 from .reference import dpo_loss
 
 # %% auto #0
 __all__ = ['LOGPROB_METHODS', 'TRAINER_SETTINGS', 'SIDES', 'SUITES', 'machine_info', 'summarize', 'measure', 'compare',
-           'peak_bytes', 'step_flops', 'matmul_params', 'matmul_rate', 'log_sigmoid_both_branches',
-           'straightforward_dpo_loss', 'synthetic_logprobs', 'count_warnings', 'bench_numpy', 'naive_sequence_logps',
-           'logprob_problem', 'logprob_step', 'bench_logprobs', 'word_tokenizer', 'synthetic_preferences', 'small_gpt2',
-           'StepClock', 'pair_length', 'run_trl', 'run_dpo_lit', 'op_kind', 'profile_summary', 'bench_trainer',
-           'qwen2_0p5b_config', 'bench_gpu', 'format_table', 'numpy_table', 'logprobs_table', 'trainer_table',
-           'run_suite', 'save_results', 'load_results', 'build_parser', 'main']
+           'step_flops', 'matmul_params', 'matmul_rate', 'log_sigmoid_both_branches', 'straightforward_dpo_loss',
+           'synthetic_logprobs', 'count_warnings', 'bench_numpy', 'naive_sequence_logps', 'logprob_problem',
+           'logprob_step', 'bench_logprobs', 'word_tokenizer', 'synthetic_preferences', 'small_gpt2', 'StepClock',
+           'pair_length', 'run_trl', 'run_dpo_lit', 'op_kind', 'profile_summary', 'bench_trainer', 'qwen2_0p5b_config',
+           'bench_gpu', 'format_table', 'numpy_table', 'logprobs_table', 'trainer_table', 'run_suite', 'save_results',
+           'load_results', 'build_parser', 'main']
 
 # %% ../nbs/09_performance.ipynb #14279ece
 def _cpu_model():
@@ -123,33 +123,6 @@ def compare(fns, *, warmup=1, repeats=5, device=None):
             _sync(device)
             times[name].append(time.perf_counter() - t0)
     return {name: {**summarize(t), "warmup": warmup, "repeats": repeats} for name, t in times.items()}
-
-# %% ../nbs/09_performance.ipynb #f877dfb2
-def peak_bytes(fn, device="cpu"):
-    "Peak bytes held by PyTorch tensors while `fn()` runs, above what was held when it started."
-    device = torch.device(device)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device) - start)
-    if device.type != "cpu":
-        raise ValueError(f"peak_bytes measures 'cpu' or 'cuda', got {device}")
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")   # the profiler's start/stop lines stay quiet
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
-    events.sort(key=lambda e: e.start_ns())          # stable: same-instant events keep their order
-    held = peak = 0
-    for e in events:
-        held += e.nbytes()
-        peak = max(peak, held)
-    return int(peak)
 
 # %% ../nbs/09_performance.ipynb #0aa9ca6d
 def step_flops(n_params, tokens, *, live_reference=True):
@@ -256,7 +229,7 @@ def bench_logprobs(vocab_sizes=(32768, 65536, 131072), *, n_tokens=1024, hidden=
     for V in vocab_sizes:
         args = logprob_problem(V, n_tokens=n_tokens, hidden=hidden, rows=rows, device=device, dtype=dtype, seed=seed)
         values = {m: logprob_step(m, *args) for m in LOGPROB_METHODS}          # also a first warm-up
-        peaks = {m: peak_bytes(lambda m=m: logprob_step(m, *args), device) for m in LOGPROB_METHODS}
+        peaks = {m: peak_memory(lambda m=m: logprob_step(m, *args), device) for m in LOGPROB_METHODS}
         times = compare({m: (lambda m=m: logprob_step(m, *args)) for m in LOGPROB_METHODS},
                         warmup=max(warmup - 1, 0), repeats=repeats, device=device)
         for m in LOGPROB_METHODS:

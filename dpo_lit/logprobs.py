@@ -3,6 +3,7 @@
 # %% ../nbs/04_logprobs.ipynb #6da61351
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 
@@ -12,16 +13,18 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 # %% auto #0
-__all__ = ['CHUNK_ELEMENTS', 'completion_positions', 'LogSoftmaxGather', 'sequence_logps', 'concatenated_forward',
-           'FusedLinearLogSoftmaxGather', 'fused_sequence_logps', 'peak_memory', 'logps_memory_benchmark']
+__all__ = ['CHUNK_ELEMENTS', 'MIN_CHUNK_ROWS', 'completion_positions', 'LogSoftmaxGather', 'sequence_logps',
+           'concatenated_forward', 'FusedLinearLogSoftmaxGather', 'fused_sequence_logps', 'peak_memory',
+           'logps_memory_benchmark']
 
 # %% ../nbs/04_logprobs.ipynb #a8b61ca0
 CHUNK_ELEMENTS = 2**22  # logits processed at a time: 4M float32 values (16 MiB) per chunk
+MIN_CHUNK_ROWS = 256    # the fused path's floor: fewer rows make its matrix products thin and slow
 
-def _chunk_rows(vocab_size, chunk_size=None):
-    "Rows per chunk: `chunk_size`, else as many as fit in `CHUNK_ELEMENTS` values."
+def _chunk_rows(vocab_size, chunk_size=None, min_rows=1):
+    "Rows per chunk: `chunk_size`, else as many as fit in `CHUNK_ELEMENTS` values but at least `min_rows`."
     if chunk_size is None:
-        return max(1, CHUNK_ELEMENTS // max(int(vocab_size), 1))
+        return max(min_rows, CHUNK_ELEMENTS // max(int(vocab_size), 1))
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     return chunk_size
@@ -195,8 +198,11 @@ class FusedLinearLogSoftmaxGather(torch.autograd.Function):
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             z = F.linear(h[s:e], weight, bias).float()          # this chunk's logits only: [c, V]
-            lse[s:e] = torch.logsumexp(z, dim=-1)
-            out[s:e] = z.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e]
+            target = z.gather(1, targets[s:e, None]).squeeze(1)
+            m = z.amax(dim=-1, keepdim=True)
+            m = torch.where(m.isfinite(), m, torch.zeros_like(m))  # rows of -inf (or +inf) as logsumexp has them
+            lse[s:e] = z.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(1))   # in place: no second [c, V] tensor
+            out[s:e] = target - lse[s:e]
             del z
         ctx.save_for_backward(h, weight, bias, targets, lse)
         ctx.chunk = chunk
@@ -240,33 +246,35 @@ def fused_sequence_logps(hidden_states, lm_head_weight, input_ids, completion_ma
     rows, pos, targets = completion_positions(input_ids, completion_mask)
     _check_targets(targets, V)
     h = hidden_states[rows, pos]                                    # only the scored positions: [N, H]
-    tok = FusedLinearLogSoftmaxGather.apply(h, lm_head_weight, lm_head_bias, targets, _chunk_rows(V, chunk_size))
+    tok = FusedLinearLogSoftmaxGather.apply(h, lm_head_weight, lm_head_bias, targets, _chunk_rows(V, chunk_size, MIN_CHUNK_ROWS))
     return _reduce(tok, rows, completion_mask, average, return_counts)
 
 # %% ../nbs/04_logprobs.ipynb #1140bdc0
 def peak_memory(fn, device="cpu"):
     "Peak bytes allocated by PyTorch while `fn()` runs, above what was allocated when it started."
     device = torch.device(device)
+    gc.collect()                                            # garbage of earlier calls is not freed mid-measurement
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
         start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
         fn()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - start
+        return int(torch.cuda.max_memory_allocated(device) - start)
     if device.type != "cpu":
         raise ValueError(f"peak_memory measures 'cpu' or 'cuda' devices, got {device}")
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")          # keep the profiler's start/stop lines quiet
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    events.sort(key=lambda e: e.start_ns())                 # stable: events of the same instant keep their order
     held = peak = 0
-    for _, nbytes in events:
-        held += nbytes
+    for e in events:
+        held += e.nbytes()
         peak = max(peak, held)
-    return peak
+    return int(peak)
 
 # %% ../nbs/04_logprobs.ipynb #52e3596c
 def logps_memory_benchmark(n_tokens, vocab_size, hidden_size=64, rows=8, chunk_size=None, dtype=torch.float32,

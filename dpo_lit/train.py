@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .data import ByteTokenizer, PreferenceCollator, length_grouped_batches, load_preferences
-from .logprobs import concatenated_forward
+from .logprobs import _lm_head_parts, concatenated_forward
 from .losses import LOSS_TYPES, preference_loss
 from .scale import (DISTRIBUTED, adapters_disabled, all_reduce_sum, barrier, cached_reference_logps, dist_info,
                            fsdp_wrap, init_distributed, is_peft_model, precompute_reference_logps, reference_fingerprint,
@@ -74,6 +74,7 @@ class DPOConfig:
     precision: str = "auto"            # auto, fp32, bf16 or fp16
     device: str = "auto"               # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps
     disable_dropout: bool = True       # dropout off in policy and reference
+    fused_lm_head: bool = False        # log-probs from the last hidden states chunk by chunk, no [B, T, V] logits
     # bookkeeping
     seed: int = 0
     output_dir: str | None = None      # checkpoints and metrics.jsonl (None: nothing written)
@@ -132,6 +133,7 @@ class DPOConfig:
             bad("save_total_limit", "must be an integer >= 1 or None")
         if self.save_steps and not self.output_dir: bad("save_steps", "needs an output_dir to save into")
         if not isinstance(self.precompute_ref, bool): bad("precompute_ref", "must be True or False")
+        if not isinstance(self.fused_lm_head, bool): bad("fused_lm_head", "must be True or False")
         if self.ref_cache_dir is not None and not isinstance(self.ref_cache_dir, (str, os.PathLike)):
             bad("ref_cache_dir", "must be a directory path or None")
         if self.distributed not in DISTRIBUTED: bad("distributed", f"must be one of {DISTRIBUTED}")
@@ -321,6 +323,15 @@ class DPOTrainer:
         distributed = cfg.distributed != "none" and init_distributed()
         self.strategy = ("ddp" if cfg.distributed == "auto" else cfg.distributed) if distributed else "none"
         self.rank, self.world_size, local_rank = dist_info() if distributed else (0, 1, 0)
+        if cfg.fused_lm_head:   # the fused path calls the model's base directly, bypassing a DDP/FSDP wrapper's forward
+            if self.strategy != "none":
+                raise ValueError(f"DPOConfig.fused_lm_head=True is not supported in a distributed ({self.strategy}) run: "
+                                 "set fused_lm_head=False")
+            for name, m in (("model", model), ("ref_model", ref_model)):
+                try:
+                    if m is not None: _lm_head_parts(m)
+                except ValueError as e:
+                    raise ValueError(f"DPOConfig.fused_lm_head=True: {name}: {e}") from None
         self.device = resolve_device(cfg.device)
         if distributed and self.device.type == "cuda" and cfg.device in ("auto", "cuda"):
             self.device = torch.device("cuda", local_rank)      # one GPU per process
@@ -456,13 +467,14 @@ class DPOTrainer:
     def _reference_forward(self, batch):
         "A live reference pass: the reference model, the policy with its adapters off, or the (starting) policy itself."
         with self._autocast():
-            if self.ref_model is not None: return concatenated_forward(self.ref_model, batch)
+            fused = self.config.fused_lm_head
+            if self.ref_model is not None: return concatenated_forward(self.ref_model, batch, fused=fused)
             model = self._unwrap(self.model)
             if self.ref_kind == "adapters off":
-                with adapters_disabled(model): return concatenated_forward(model, batch)
+                with adapters_disabled(model): return concatenated_forward(model, batch, fused=fused)
             was = model.training                # precompute_ref with no ref_model: before any update, in eval mode
             model.eval()
-            try: return concatenated_forward(model, batch)
+            try: return concatenated_forward(model, batch, fused=fused)
             finally: model.train(was)
 
     def _precompute_reference(self):
@@ -475,6 +487,8 @@ class DPOTrainer:
         plain = lambda examples: {k: v.to(self.device) for k, v in self.collator(examples).items()}
         for name, examples in (("train", self.train_examples), ("eval", self.eval_examples)):
             if not examples: continue
+            # fused_lm_head is not in the key: fused and unfused log-probs agree to float32 rounding, like
+            # two runs of the same kernels on different batch shapes, so either setting may reuse the other's cache
             fp = reference_fingerprint(examples, self.tokenizer, digest, max_length=cfg.max_length,
                                        max_prompt_length=cfg.max_prompt_length, precision=self.precision)
             def compute():
@@ -508,7 +522,7 @@ class DPOTrainer:
         for j, batch in enumerate(batches):
             with self._sync_context(last=j == len(batches) - 1):
                 with self._autocast():
-                    out = concatenated_forward(self.model, batch)
+                    out = concatenated_forward(self.model, batch, fused=cfg.fused_lm_head)
                 ref = self.reference_logps(batch)
                 losses, cr, rr = preference_loss(
                     out["chosen_logps"], out["rejected_logps"], ref["chosen_logps"], ref["rejected_logps"],

@@ -19,19 +19,23 @@ def run_cli(*args, timeout=600):
                           text=True, timeout=timeout)
 
 
-def test_peak_bytes_counts_known_allocations():
+def test_peak_memory_counts_known_allocations():
+    "The benchmarks measure peak memory with dpo_lit.logprobs.peak_memory, the one implementation of the method."
+    from dpo_lit.logprobs import peak_memory
+    assert bench.peak_memory is peak_memory and not hasattr(bench, "peak_bytes")
+
     def fn():
         a = torch.empty(250_000)            # 1 MB
         b = torch.empty(500_000)            # 2 MB, both held: 3 MB
         del a
         c = torch.empty(125_000)            # 0.5 MB, 2.5 MB held
         return b, c
-    assert bench.peak_bytes(fn) == 3_000_000
+    assert bench.peak_memory(fn) == 3_000_000
     held = torch.ones(1_000_000)            # held before: not counted
-    assert bench.peak_bytes(lambda: torch.empty(1000)) == 4000
+    assert bench.peak_memory(lambda: torch.empty(1000)) == 4000
     del held
-    with pytest.raises(ValueError, match="peak_bytes"):
-        bench.peak_bytes(lambda: None, device="meta")
+    with pytest.raises(ValueError, match="peak_memory"):
+        bench.peak_memory(lambda: None, device="meta")
 
 
 def test_measure_and_compare():

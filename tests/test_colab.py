@@ -182,3 +182,25 @@ def test_launch_buttons_point_at_the_notebooks():
     for doc in toc_files():
         url = launch_url(doc)
         assert check_link(url) == f"{doc}.ipynb", url
+
+
+def _headings(source):
+    "The Markdown heading lines of a cell, skipping fenced code blocks."
+    out, fenced = [], False
+    for line in source.splitlines():
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,6} ", line):
+            out.append(line)
+    return out
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_one_title_per_notebook(path):
+    "Each notebook has exactly one H1, its title, and no heading whose text starts with a stray '#'."
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    headings = [h for c in cells if c["cell_type"] == "markdown" for h in _headings("".join(c["source"]))]
+    titles = [h for h in headings if h.startswith("# ")]
+    assert len(titles) == 1, f"{path.name}: expected one '# Title', found {titles}"
+    stray = [h for h in headings if re.match(r"#{1,6} +#", h)]
+    assert not stray, f"{path.name}: headings with a stray '#': {stray}"

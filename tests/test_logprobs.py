@@ -246,3 +246,21 @@ def test_peak_memory_measures_known_allocations():
     x = torch.randn(256, 512, requires_grad=True)
     # a matmul forward+backward holds at least its output and the gradient of x
     assert peak_memory(lambda: (x @ x.T).sum().backward()) >= 256 * 256 * 4 + 256 * 512 * 4
+
+
+def test_default_chunk_rows_has_a_floor_on_the_fused_path():
+    "Rows per chunk: the CHUNK_ELEMENTS budget; the fused path takes at least MIN_CHUNK_ROWS at large vocabularies."
+    import dpo_lit.logprobs as L
+    assert L._chunk_rows(4096) == L.CHUNK_ELEMENTS // 4096
+    assert L._chunk_rows(131072) == L.CHUNK_ELEMENTS // 131072 == 32
+    assert L._chunk_rows(131072, min_rows=L.MIN_CHUNK_ROWS) == L.MIN_CHUNK_ROWS == 256
+    assert L._chunk_rows(131072, chunk_size=32, min_rows=256) == 32      # an explicit size wins
+    seen = []
+    apply = L.FusedLinearLogSoftmaxGather.apply
+    L.FusedLinearLogSoftmaxGather.apply = lambda *a: (seen.append(a[-1]), apply(*a))[1]
+    try:
+        h, W = torch.randn(1, 5, 4), torch.randn(2**20, 4)
+        L.fused_sequence_logps(h, W, torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 5, dtype=torch.bool))
+    finally:
+        L.FusedLinearLogSoftmaxGather.apply = apply
+    assert seen == [L.MIN_CHUNK_ROWS]

@@ -92,7 +92,7 @@ def losses(history):
     (dict(save_steps=5), "save_steps"), (dict(save_total_limit=0), "save_total_limit"),
     (dict(on_nonfinite="ignore"), "on_nonfinite"), (dict(batch_size=True), "batch_size"),
     (dict(adam_beta2=1.0), "adam_beta2"), (dict(loss_type="exo_pair"), "exo_pair"),
-    (dict(f_divergence="hellinger"), "f_divergence"),
+    (dict(f_divergence="hellinger"), "f_divergence"), (dict(fused_lm_head=1), "fused_lm_head"),
 ])
 def test_config_rejects_nonsense_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -366,3 +366,50 @@ def test_transformers_gpt2_from_config(tmp_path):
     assert (p / "config.json").exists()
     back = transformers.GPT2LMHeadModel.from_pretrained(p)
     assert same(weights(back), weights(gpt))
+
+
+def test_fused_lm_head_matches_the_plain_forward(tmp_path, monkeypatch):
+    "fused_lm_head=True: same losses and weights as False (live, given and precomputed references); cache shared."
+    transformers = pytest.importorskip("transformers")
+    import dpo_lit.logprobs as logprobs
+    tok = ByteTokenizer()
+    config = transformers.GPT2Config(vocab_size=tok.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)
+    calls = []
+    fused_fn = logprobs.fused_sequence_logps
+    monkeypatch.setattr(logprobs, "fused_sequence_logps", lambda *a, **k: (calls.append(1), fused_fn(*a, **k))[1])
+
+    def gpt(seed=0):
+        torch.manual_seed(seed)
+        return transformers.GPT2LMHeadModel(config)
+
+    def run(fused, ref=None, **kw):
+        t = DPOTrainer(gpt(), ref_model=ref, tokenizer=tok, train_dataset=DATA,
+                       config=cfg(max_steps=3, fused_lm_head=fused, **kw))
+        return t.train(), weights(t.model)
+
+    for kw, ref in ((dict(), None), (dict(grad_accum_steps=2, batch_size=4, rpo_alpha=0.5), None),
+                    (dict(), gpt(1)), (dict(precompute_ref=True), None)):
+        calls.clear()
+        (h0, w0), n_plain = run(False, ref, **kw), len(calls)
+        (h1, w1) = run(True, ref, **kw)
+        assert n_plain == 0 and len(calls) > 0
+        assert losses(h1) == pytest.approx(losses(h0), abs=1e-5)
+        for k in ("logps/chosen", "rewards/margins"):
+            assert [r[k] for r in h1] == pytest.approx([r[k] for r in h0], rel=1e-5, abs=1e-5)
+        # AdamW's steps of lr=1e-2 turn float rounding in near-zero gradients into ~1e-5 weight differences
+        assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(w0, w1))
+
+    # the cache key leaves fused_lm_head out: a cache written without it serves a run with it
+    cache = str(tmp_path / "cache")
+    h0, _ = run(False, precompute_ref=True, ref_cache_dir=cache)
+    calls.clear()
+    h1, _ = run(True, precompute_ref=True, ref_cache_dir=cache)
+    assert len(calls) == 3                     # the policy's three forwards; the reference came from the cache
+    assert losses(h1) == pytest.approx(losses(h0), abs=1e-5)
+
+    with pytest.raises(ValueError, match="fused_lm_head"):   # no nn.Linear output layer to fuse
+        DPOTrainer(model(0), train_dataset=DATA, config=cfg(fused_lm_head=True))
+    with pytest.raises(ValueError, match="ref_model"):
+        DPOTrainer(gpt(), ref_model=model(0), tokenizer=tok, train_dataset=DATA, config=cfg(fused_lm_head=True))
