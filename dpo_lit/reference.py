@@ -4,11 +4,9 @@
 __all__ = ['log_ratio_margin', 'dpo_loss', 'dpo_gradients', 'naive_dpo_gradients']
 
 # %% ../nbs/02_dpo_objective.ipynb #dfeca852
-import math
-import numbers
-
 import numpy as np
 
+from .policy import _check_beta      # beta > 0, finite, a real scalar: shared with the previous chapter
 from .preferences import log_sigmoid, sigmoid
 
 # %% ../nbs/02_dpo_objective.ipynb #ea6b3105
@@ -27,18 +25,6 @@ def _as_logprobs(name, x):
     if not np.isfinite(a).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     return a
-
-def _check_beta(beta):
-    "`beta` as a positive finite float, or a ValueError."
-    if isinstance(beta, (bool, np.bool_, str, bytes)) or np.ndim(beta) != 0:
-        raise ValueError(f"beta must be a positive real number, got {beta!r}")
-    try:
-        b = float(beta)
-    except (TypeError, ValueError):
-        raise ValueError(f"beta must be a positive real number, got {beta!r}") from None
-    if not (math.isfinite(b) and b > 0):
-        raise ValueError(f"beta must be a positive real number, got {beta!r}")
-    return b
 
 # %% ../nbs/02_dpo_objective.ipynb #4bba7fa2
 def log_ratio_margin(pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen, ref_logprobs_rejected):
