@@ -121,7 +121,11 @@ def make_config(args, base=None):
     "The DPOConfig of a command: `base`, then the --config file, then the options given on the command line."
     names = {f.name for f in dataclasses.fields(DPOConfig)}
     d = dict(base or {})
-    if "config" in args: d.update(read_config_file(args.config))
+    if "config" in args:
+        from_file = read_config_file(args.config)
+        unknown = sorted(set(from_file) - names)
+        if unknown: raise CLIError(f"--config {args.config}: DPOConfig has no field(s) {', '.join(unknown)}")
+        d.update(from_file)
     d.update({k: v for k, v in vars(args).items() if k in names})
     try:
         return DPOConfig.from_dict(d)

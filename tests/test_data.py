@@ -8,6 +8,17 @@ import torch
 
 from dpo_lit.data import (ByteTokenizer, PreferenceCollator, check_record, length_grouped_batches,
                           load_preferences)
+from conftest import missing
+
+
+def need(module):
+    "Import an optional dependency: a missing one fails under CI (dev extras are installed there), skips elsewhere."
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        missing(f"{module} is not installed: install the dev extras")
+
 
 GOOD = [{"prompt": "Capital of France?", "chosen": " Paris.", "rejected": " Lyon."},
         {"prompt": "2+2=", "chosen": "4", "rejected": "5"}]
@@ -42,7 +53,7 @@ def test_every_problem_reported_and_list_and_dataset_sources(tmp_path):
         load_preferences(bad)
     assert "record 1: missing key 'chosen'" in str(e.value)
     assert "record 2: field 'chosen' is empty" in str(e.value)
-    datasets = pytest.importorskip("datasets")
+    datasets = need("datasets")
     ds = datasets.Dataset.from_list(GOOD + [{"prompt": "p", "chosen": "", "rejected": "r"}])
     with pytest.raises(ValueError, match="dataset row 2: field 'chosen' is empty"):
         load_preferences(ds)
@@ -166,7 +177,7 @@ def test_length_grouped_batches_properties():
 
 @pytest.fixture(scope="module")
 def hf_tok():
-    pytest.importorskip("transformers")
+    need("transformers")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE())

@@ -5,6 +5,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpo_lit.logprobs import (concatenated_forward, fused_sequence_logps, peak_memory, sequence_logps)
+from conftest import missing
+
+
+def need(module):
+    "Import an optional dependency: a missing one fails under CI (dev extras are installed there), skips elsewhere."
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        missing(f"{module} is not installed: install the dev extras")
+
 
 
 def naive_logps(logits, ids, mask, average=False):
@@ -187,7 +198,7 @@ def test_padding_invariance_random_lengths(seed):
 
 @pytest.fixture(scope="module")
 def hf_models():
-    transformers = pytest.importorskip("transformers")
+    transformers = need("transformers")
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
