@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import configparser
 import os
+import random
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -73,6 +74,15 @@ def missing(reason: str):
     pytest.skip(reason)
 
 
+def need(module):
+    "Import an optional dependency: a missing one fails under CI (dev extras are installed there), skips elsewhere."
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        missing(f"{module} is not installed: install the dev extras")
+
+
 @pytest.fixture(scope="session")
 def settings():
     return read_settings()
@@ -81,3 +91,16 @@ def settings():
 @pytest.fixture(scope="session")
 def toc():
     return read_yaml(ROOT / "_toc.yml")
+
+
+def ragged_pairs(n, seed=0):
+    "Ragged pairs: after 'V:' vowels beat digits, after 'D:' the reverse."
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        kind = rng.choice("VD")
+        v = "".join(rng.choice("aeiou") for _ in range(rng.randint(1, 12)))
+        d = "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 12)))
+        out.append(dict(prompt="x" * rng.randint(0, 9) + kind + ":", chosen=v if kind == "V" else d,
+                        rejected=d if kind == "V" else v))
+    return out

@@ -13,16 +13,7 @@ import pytest
 import torch
 
 from dpo_lit import cli
-from conftest import missing
-
-
-def need(module):
-    "Import an optional dependency: a missing one fails under CI (dev extras are installed there), skips elsewhere."
-    import importlib
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        missing(f"{module} is not installed: install the dev extras")
+from conftest import need
 
 
 ROOT = Path(__file__).resolve().parents[1]

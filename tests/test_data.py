@@ -8,16 +8,7 @@ import torch
 
 from dpo_lit.data import (ByteTokenizer, PreferenceCollator, check_record, length_grouped_batches,
                           load_preferences)
-from conftest import missing
-
-
-def need(module):
-    "Import an optional dependency: a missing one fails under CI (dev extras are installed there), skips elsewhere."
-    import importlib
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        missing(f"{module} is not installed: install the dev extras")
+from conftest import need
 
 
 GOOD = [{"prompt": "Capital of France?", "chosen": " Paris.", "rejected": " Lyon."},

@@ -5,17 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpo_lit.logprobs import (concatenated_forward, fused_sequence_logps, peak_memory, sequence_logps)
-from conftest import missing
-
-
-def need(module):
-    "Import an optional dependency: a missing one fails under CI (dev extras are installed there), skips elsewhere."
-    import importlib
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        missing(f"{module} is not installed: install the dev extras")
-
+from conftest import need
 
 
 def naive_logps(logits, ids, mask, average=False):

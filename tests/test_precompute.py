@@ -4,7 +4,6 @@ cache key reacts to each of its inputs and to nothing else; the reference is rel
 is its own reference with no copy; peft missing is a clear error."""
 import copy
 import dataclasses
-import random
 import sys
 import warnings
 
@@ -16,17 +15,7 @@ from dpo_lit.data import ByteTokenizer
 from dpo_lit.scale import add_lora, adapters_disabled, reference_fingerprint, require_peft, weights_digest
 from dpo_lit.toy import TinyLM, TinyLMConfig
 from dpo_lit.train import DPOConfig, DPOTrainer
-from conftest import missing
-
-
-def need(module):
-    "Import an optional dependency: a missing one fails under CI (dev extras are installed there), skips elsewhere."
-    import importlib
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        missing(f"{module} is not installed: install the dev extras")
-
+from conftest import need, ragged_pairs as pairs
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,18 +29,6 @@ def one_thread():
 def model(seed=0):
     torch.manual_seed(seed)
     return TinyLM(TinyLMConfig(vocab_size=258, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=64))
-
-
-def pairs(n, seed=0):
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        kind = rng.choice("VD")
-        v = "".join(rng.choice("aeiou") for _ in range(rng.randint(1, 12)))
-        d = "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 12)))
-        out.append(dict(prompt="x" * rng.randint(0, 9) + kind + ":", chosen=v if kind == "V" else d,
-                        rejected=d if kind == "V" else v))
-    return out
 
 
 TRAIN, EVAL = pairs(20), pairs(8, seed=1)

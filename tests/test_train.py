@@ -14,17 +14,7 @@ import dpo_lit.train as train_mod
 from dpo_lit.data import ByteTokenizer
 from dpo_lit.train import (DPOConfig, DPOTrainer, NonFiniteError, list_checkpoints, lr_factor,
                            plan_epoch, resolve_precision)
-from conftest import missing
-
-
-def need(module):
-    "Import an optional dependency: a missing one fails under CI (dev extras are installed there), skips elsewhere."
-    import importlib
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        missing(f"{module} is not installed: install the dev extras")
-
+from conftest import need, ragged_pairs as pairs
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -53,19 +43,6 @@ class TinyLM(nn.Module):
 def model(seed=0, **kw):
     torch.manual_seed(seed)
     return TinyLM(**kw)
-
-
-def pairs(n, seed=0):
-    "Ragged pairs: after 'V:' vowels beat digits, after 'D:' the reverse."
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        kind = rng.choice("VD")
-        v = "".join(rng.choice("aeiou") for _ in range(rng.randint(1, 12)))
-        d = "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 12)))
-        out.append(dict(prompt="x" * rng.randint(0, 9) + kind + ":", chosen=v if kind == "V" else d,
-                        rejected=d if kind == "V" else v))
-    return out
 
 
 DATA = pairs(48)
