@@ -159,3 +159,11 @@ def test_config_wires_the_reader():
     assert reader[0] == "nbdev_book.read_nbdev_notebook"
     assert cfg["execute"]["execute_notebooks"] in ("force", "cache"), "the book build must execute notebooks"
     assert sphinx["config"].get("nb_execution_raise_on_error") is True
+
+
+def test_book_build_keeps_figures_inline(ext, monkeypatch):
+    "A non-inline MPLBACKEND in the environment would reach the kernels and drop every figure."
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    ext.setup(SimpleNamespace(connect=lambda *a: None, add_css_file=lambda *a: None))
+    import os
+    assert "MPLBACKEND" not in os.environ

@@ -9,6 +9,7 @@ offline.
 from __future__ import annotations
 
 import configparser
+import os
 import re
 import shutil
 from pathlib import Path
@@ -94,6 +95,9 @@ def _config_inited(app, config):
 
 
 def setup(app):
+    # Kernels inherit this process's environment; a non-inline MPLBACKEND (Agg, say) would make
+    # plt.show() draw nothing, and every figure would silently vanish from the book.
+    os.environ.pop("MPLBACKEND", None)
     app.connect("config-inited", _config_inited)
     app.connect("build-finished", _copy_mathjax)
     app.add_css_file("dpo_lit.css")
