@@ -92,9 +92,20 @@ def test_mle_exists_on_population(problem):
     assert bt_mle_exists(problem, problem.population_pairs(deterministic=True)).sum() == 0   # best response never loses
 
 
-def test_unweighted_loss_is_negative_margin():
-    pc, pr, rc, rr = (torch.randn(5, dtype=torch.float64) for _ in range(4))
-    torch.testing.assert_close(unweighted_loss(pc, pr, rc, rr, beta=0.2), -0.2 * ((pc - rc) - (pr - rr)))
+def test_unweighted_gradient_is_dpo_gradient_without_weight():
+    "Autograd of the unweighted loss = autograd of the library's sigmoid DPO loss divided by sigma(-z), pair by pair."
+    from dpo_lit.losses import preference_loss
+    g = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (3 * torch.randn(6, dtype=torch.float64, generator=g) for _ in range(4))
+    grads = []
+    for loss_fn in (lambda *a: unweighted_loss(*a, beta=0.2), lambda *a: preference_loss(*a, beta=0.2)[0]):
+        c, r = pc.clone().requires_grad_(True), pr.clone().requires_grad_(True)
+        loss_fn(c, r, rc, rr).sum().backward()
+        grads.append((c.grad, r.grad))
+    weight = torch.sigmoid(-0.2 * ((pc - rc) - (pr - rr)))
+    torch.testing.assert_close(grads[0][0], grads[1][0] / weight)
+    torch.testing.assert_close(grads[0][1], grads[1][1] / weight)
+    torch.testing.assert_close(grads[0][0], torch.full_like(pc, -0.2))        # a constant gradient: no stationary point
 
 
 def test_kl_divergence_matches_torch():

@@ -110,3 +110,25 @@ def test_bon_bound_and_validation(lang, model):
         best_of_n(model, lang, [[2, 3, 4]], ns=(1, 8), pool=4)
     out = best_of_n(model, lang, [[2, 3, 4]] * 4, ns=(1, 2, 4), pool=16, seed=0)
     assert (out["kl"] <= out["bound"] + 1e-12).all()
+
+
+def test_generate_temperature_and_top_k_sample_the_right_distribution(lang):
+    "First-token frequencies against softmax(logits / T), restricted to the top k and renormalised."
+    torch.manual_seed(1)
+    model = TinyLM.from_config(vocab_size=lang.tokenizer.vocab_size).eval()
+    with torch.no_grad():
+        model.tok.weight.mul_(15)                                    # sharp logits, so that T and k matter
+    prompt = [2, 3, 4]
+    logits = model(torch.tensor([prompt]))[0, -1].detach().double()
+    n = 20_000
+    for temperature, top_k in ((0.5, None), (2.0, 3)):
+        z = logits / temperature
+        if top_k is not None:
+            z = z.masked_fill(z < z.topk(top_k).values[-1], float("-inf"))
+        expected = z.softmax(-1)
+        first = torch.tensor([y[0] for y in generate(model, [prompt] * n, 1, temperature=temperature, top_k=top_k,
+                                                     seed=7, batch_size=4096)])
+        freq = torch.bincount(first, minlength=len(expected)).double() / n
+        assert (freq[expected == 0] == 0).all()                      # nothing outside the top k
+        assert (freq - expected).abs().max() < 5 * (0.25 / n) ** 0.5, (temperature, top_k)
+        assert (logits.softmax(-1) - expected).abs().max() > 0.05      # T = 1 and no top-k would be detected
