@@ -195,7 +195,8 @@ def resolve_precision(precision, device):
             raise ValueError(f"precision='bf16' but {torch.cuda.get_device_name(device)} has no bfloat16 support: use 'fp16'")
         return precision, "requested"
     if device.type != "cuda": return "fp32", "auto: no CUDA GPU"
-    if torch.cuda.is_bf16_supported(): return "bf16", "auto: the GPU supports bfloat16"
+    # native bf16 only: torch also reports True where bf16 is merely emulated (a T4), which is slow there
+    if torch.cuda.is_bf16_supported(including_emulation=False): return "bf16", "auto: the GPU supports bfloat16"
     return "fp16", "auto: the GPU lacks bfloat16, fp16 with dynamic loss scaling"
 
 # %% ../nbs/06_training.ipynb #a7b78876
