@@ -401,3 +401,15 @@ def test_fused_lm_head_matches_the_plain_forward(tmp_path, monkeypatch):
         DPOTrainer(model(0), train_dataset=DATA, config=cfg(fused_lm_head=True))
     with pytest.raises(ValueError, match="ref_model"):
         DPOTrainer(gpt(), ref_model=model(0), tokenizer=tok, train_dataset=DATA, config=cfg(fused_lm_head=True))
+
+
+def test_auto_precision_on_gpus_without_native_bf16(monkeypatch):
+    "A T4 emulates bf16 (torch reports it supported with emulation): auto must pick fp16 with loss scaling there."
+    from dpo_lit.train import resolve_precision
+    t4 = lambda including_emulation=True: including_emulation        # emulated only
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", t4)
+    assert resolve_precision("auto", "cuda")[0] == "fp16"
+    a100 = lambda including_emulation=True: True                      # native
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", a100)
+    assert resolve_precision("auto", "cuda")[0] == "bf16"
+    assert resolve_precision("auto", "cpu")[0] == "fp32"
