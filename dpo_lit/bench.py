@@ -34,27 +34,25 @@ __all__ = ['LOGPROB_METHODS', 'TRAINER_SETTINGS', 'SIDES', 'SUITES', 'machine_in
            'load_results', 'build_parser', 'main']
 
 # %% ../nbs/09_performance.ipynb #14279ece
-def _cpu_model():
-    "The CPU's model name from /proc/cpuinfo, else what `platform` knows."
+def _proc_value(path, key):
+    "The text after `key` on its line of a /proc file such as /proc/cpuinfo (None where unavailable)."
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+def _cpu_model():
+    "The CPU's model name from /proc/cpuinfo, else what `platform` knows."
+    return _proc_value("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
 
 def _memory_gib():
     "Total RAM in GiB from /proc/meminfo (None where unavailable)."
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal"):
-                    return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
+    kib = _proc_value("/proc/meminfo", "MemTotal")                       # e.g. "24576000 kB"
+    return None if kib is None else round(int(kib.split()[0]) / 2**20, 1)
 
 def _version(package):
     "Installed version of `package`, or None."

@@ -47,6 +47,12 @@ def _check_targets(targets, vocab_size):
                          f"(min {int(targets.min())}, max {int(targets.max())})")
 
 # %% ../nbs/04_logprobs.ipynb #4e73cc78
+def _logp_grad(z, lse, targets, grad_out):
+    "Gradient of sum_i g_i log_softmax(z_i)[t_i] w.r.t. the float32 logits z: (onehot(t) - softmax(z)) * g, in place."
+    g = z.sub_(lse[:, None]).exp_().neg_()                                  # -softmax
+    g[torch.arange(len(targets), device=g.device), targets] += 1.0         # + one-hot
+    return g.mul_(grad_out[:, None].float())
+
 class LogSoftmaxGather(torch.autograd.Function):
     "Per-token float32 `log_softmax(logits[rows, pos])[targets]`, chunked; backward writes (onehot - softmax)*g."
 
@@ -73,10 +79,7 @@ class LogSoftmaxGather(torch.autograd.Function):
         for s in range(0, targets.numel(), ctx.chunk):
             e = min(s + ctx.chunk, targets.numel())
             r, p = rows[s:e], pos[s:e]
-            g = logits[r, p].float().sub_(lse[s:e, None]).exp_().neg_()    # -softmax
-            g[torch.arange(e - s, device=g.device), targets[s:e]] += 1.0    # + one-hot
-            grad[r, p] = g.mul_(grad_out[s:e, None].float()).to(grad.dtype)
-            del g
+            grad[r, p] = _logp_grad(logits[r, p].float(), lse[s:e], targets[s:e], grad_out[s:e]).to(grad.dtype)
         return grad, None, None, None, None
 
 # %% ../nbs/04_logprobs.ipynb #7ef9c08b
@@ -218,9 +221,7 @@ class FusedLinearLogSoftmaxGather(torch.autograd.Function):
         grad_c = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_c else None
         for s in range(0, targets.numel(), ctx.chunk):
             e = min(s + ctx.chunk, targets.numel())
-            G = F.linear(h[s:e], weight, bias).float().sub_(lse[s:e, None]).exp_().neg_()   # -softmax
-            G[torch.arange(e - s, device=G.device), targets[s:e]] += 1.0                    # + one-hot
-            G.mul_(grad_out[s:e, None].float())
+            G = _logp_grad(F.linear(h[s:e], weight, bias).float(), lse[s:e], targets[s:e], grad_out[s:e])
             if need_h:
                 grad_h[s:e] = (G.to(weight.dtype) @ weight).to(h.dtype)
             if need_w:
