@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .logprobs import fused_sequence_logps, peak_memory, sequence_logps
-from .reference import dpo_loss
+from .objective import dpo_loss
 
 # %% auto #0
 __all__ = ['LOGPROB_METHODS', 'TRAINER_SETTINGS', 'SIDES', 'SUITES', 'machine_info', 'summarize', 'measure', 'compare',
@@ -173,7 +173,7 @@ def count_warnings(fn):
     return out, sum(issubclass(w.category, RuntimeWarning) for w in caught)
 
 def bench_numpy(n=10**7, *, beta=0.5, warmup=1, repeats=5, seed=0):
-    "dpo_lit.reference.dpo_loss vs `straightforward_dpo_loss` on n pairs: times, speed ratio, warnings."
+    "dpo_lit.objective.dpo_loss vs `straightforward_dpo_loss` on n pairs: times, speed ratio, warnings."
     args = synthetic_logprobs(n, seed=seed)
     z = beta * ((args[0] - args[2]) - (args[1] - args[3]))
     ref_value, ref_warn = count_warnings(lambda: dpo_loss(*args, beta=beta))

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 # %% auto #0
-__all__ = ['CHUNK_ELEMENTS', 'MIN_CHUNK_ROWS', 'completion_positions', 'LogSoftmaxGather', 'sequence_logps',
+__all__ = ['CHUNK_ELEMENTS', 'MIN_CHUNK_ROWS', 'completion_positions', 'LogSoftmaxGather', 'sequence_logps', 'unwrap_model',
            'concatenated_forward', 'FusedLinearLogSoftmaxGather', 'fused_sequence_logps', 'peak_memory',
            'logps_memory_benchmark']
 
@@ -101,9 +101,9 @@ def sequence_logps(logits, input_ids, completion_mask, average=False, return_cou
     tok = LogSoftmaxGather.apply(logits, rows, pos, targets, _chunk_rows(logits.shape[-1], chunk_size))
     return _reduce(tok, rows, completion_mask, average, return_counts)
 
-# %% ../nbs/04_logprobs.ipynb #6e734b83
-def _unwrap(model):
-    "The module inside DataParallel/DDP/FSDP and torch.compile wrappers, whose `forward` signature matters."
+# %% ../nbs/04_logprobs.ipynb #336db390
+def unwrap_model(model):
+    "The module inside DataParallel, DDP, FSDP and torch.compile wrappers: the one a user built."
     while True:
         if isinstance(getattr(model, "_orig_mod", None), nn.Module):            # torch.compile
             model = model._orig_mod
@@ -116,7 +116,7 @@ def _unwrap(model):
 def _accepts(model, name, var_kw=True):
     "Whether `model.forward` takes the keyword `name` (or any keyword, when `var_kw`)."
     try:
-        params = inspect.signature(_unwrap(model).forward).parameters
+        params = inspect.signature(unwrap_model(model).forward).parameters
     except (TypeError, ValueError, AttributeError):
         return False
     return name in params or (var_kw and any(p.kind is p.VAR_KEYWORD for p in params.values()))
@@ -134,10 +134,10 @@ def _as_logits(out):
                         f"got {type(out).__name__}")
     return out
 
-# %% ../nbs/04_logprobs.ipynb #bb6be36e
+# %% ../nbs/04_logprobs.ipynb #8f51e508
 def _lm_head_parts(model):
     "Base model (hidden states) and output projection (weight, bias) of a transformers causal LM."
-    m = _unwrap(model)
+    m = unwrap_model(model)
     if hasattr(m, "get_base_model"):                          # peft: the causal LM carrying the adapters
         m = m.get_base_model()
     head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None

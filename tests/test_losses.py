@@ -116,7 +116,7 @@ def test_bco_delta_shift_and_detached():
 
 
 def test_sigmoid_matches_numpy_reference():
-    from dpo_lit import reference  # part of the package: a failed import must fail the test, not skip it
+    from dpo_lit import objective as reference  # part of the package: a failed import must fail the test, not skip it
     for seed in range(5):
         logps, _ = random_batch(seed, B=33, spread=20.0)
         for beta in (0.01, 0.1, 2.0):

@@ -163,7 +163,7 @@ for dev in ("nbdev", "fastcore", "transformers", "datasets", "peft", "trl", "pyt
     assert importlib.util.find_spec(dev) is None, f"{dev} is installed without the extras"
 
 import numpy as np
-from dpo_lit.reference import dpo_loss, dpo_gradients
+from dpo_lit.objective import dpo_loss, dpo_gradients
 beta = 0.1
 pc, pr = np.array([-3.0, -7.5, -1.25]), np.array([-4.0, -6.0, -9.0])
 rc, rr = np.array([-3.5, -7.0, -2.0]), np.array([-3.75, -6.5, -8.0])
