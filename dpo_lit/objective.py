@@ -45,9 +45,9 @@ def dpo_loss(pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen, ref_
     z = beta * log_ratio_margin(pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen, ref_logprobs_rejected)
     return float(0.0 - np.mean(log_sigmoid(z)))       # 0.0 - m: a zero loss is +0.0
 
-# %% ../nbs/02_dpo_objective.ipynb #d3b90da4
+# %% ../nbs/02_dpo_objective.ipynb #225a0493
 def dpo_gradients(pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen, ref_logprobs_rejected, beta=0.1):
-    "Mean DPO loss, its gradients w.r.t. the policy log-probs (eq. (dpo-grad-logps)) and the mean margin $h$."
+    "Mean DPO loss, its gradients w.r.t. the policy log-probs, and the mean log-ratio margin h (no beta)."
     beta = _check_beta(beta)
     h = log_ratio_margin(pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen, ref_logprobs_rejected)
     z = beta * h
