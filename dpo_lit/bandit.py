@@ -52,7 +52,7 @@ class PreferencePairs:
     def __len__(self):
         return len(self.x)
 
-# %% ../nbs/07_bandit.ipynb #7f379e02
+# %% ../nbs/07_bandit.ipynb #6da30882
 _SAMPLERS = ("ref", "uniform")
 
 @dataclass
@@ -115,7 +115,7 @@ class BanditProblem:
         return 0.5 * (1.0 + np.tanh(d / 2))                    # sigma(d), without overflow
 
     def sample_pairs(self, n, *, sampler="ref", deterministic=False, seed=0):
-        "`n` labelled pairs: $x \\sim \\rho$, $(y_1, y_2) \\sim q$, then the label drawn from $p^*$."
+        "`n` labelled pairs: $x \\sim \\nu$, $(y_1, y_2) \\sim q$, then the label drawn from $p^*$."
         if int(n) != n or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         rng = np.random.default_rng(seed)
@@ -126,7 +126,7 @@ class BanditProblem:
         return PreferencePairs(x, np.where(first_wins, y1, y2), np.where(first_wins, y2, y1))
 
     def population_pairs(self, *, sampler="ref", deterministic=False):
-        "Every labelled pair once, weighted by its probability $\\rho(x)\\,2q(y_w, y_l \\mid x)\\,p^*(y_w \\succ y_l \\mid x)$."
+        "Every labelled pair once, weighted by its probability $\\nu(x)\\,2q(y_w, y_l \\mid x)\\,p^*(y_w \\succ y_l \\mid x)$."
         q = self.pair_probs(sampler)
         w = self.prompt_probs[:, None, None] * (q + q.transpose(0, 2, 1)) * self.win_probs(deterministic)
         x, yw, yl = np.nonzero(w > 0)
@@ -153,7 +153,7 @@ class BanditProblem:
         probs = self._check_probs(probs)
         return np.sum(self.prompt_probs * kl_divergence(self.optimal_policy(beta), probs), -1)
 
-# %% ../nbs/07_bandit.ipynb #363a264d
+# %% ../nbs/07_bandit.ipynb #226adb20
 def _merge_pairs(pairs):
     "Distinct `(x, chosen, rejected)` triplets of `pairs` with their summed weights, normalised to sum to 1."
     if len(pairs) == 0 or pairs.weight.sum() <= 0:
@@ -204,7 +204,7 @@ def _train(problem, runs, betas, single, loss_type, steps, lr, adam_betas, adam_
               for b in np.unique(block_beta)]
 
     R = len(runs)
-    rho = torch.as_tensor(problem.prompt_probs)
+    nu = torch.as_tensor(problem.prompt_probs)
     ref_logp = torch.log(torch.as_tensor(problem.ref_probs))
     star = torch.as_tensor(np.stack([problem.optimal_policy(b) for b in betas]))
     log_star = torch.log(star)
@@ -227,9 +227,9 @@ def _train(problem, runs, betas, single, loss_type, steps, lr, adam_betas, adam_
                 probs = logp.exp()
                 hist["step"].append(t)
                 hist["loss"].append(per_run.detach().numpy().copy())
-                hist["kl_to_optimum"].append(((star * (log_star - logp)).sum(-1) * rho).sum(-1).numpy())
-                hist["kl_to_ref"].append(((probs * (logp - ref_logp)).sum(-1) * rho).sum(-1).numpy())
-                hist["reward"].append(((probs * torch.as_tensor(problem.rewards)).sum(-1) * rho).sum(-1).numpy())
+                hist["kl_to_optimum"].append(((star * (log_star - logp)).sum(-1) * nu).sum(-1).numpy())
+                hist["kl_to_ref"].append(((probs * (logp - ref_logp)).sum(-1) * nu).sum(-1).numpy())
+                hist["reward"].append(((probs * torch.as_tensor(problem.rewards)).sum(-1) * nu).sum(-1).numpy())
                 hist["probs"].append(probs.numpy().copy())
         if t == steps:
             break

@@ -167,3 +167,42 @@ def test_book_build_keeps_figures_inline(ext, monkeypatch):
     ext.setup(SimpleNamespace(connect=lambda *a: None, add_css_file=lambda *a: None))
     import os
     assert "MPLBACKEND" not in os.environ
+
+
+@pytest.mark.parametrize(
+    "directives, meta",
+    [
+        ([("fig-cap", "The loss"), ("label", "fig-loss"), ("fig-alt", "A falling curve")],
+         {"figure": {"caption": "The loss", "name": "fig-loss"}, "image": {"alt": "A falling curve"}}),
+        ([("fig-cap", '"Quoted: a caption"')], {"figure": {"caption": "Quoted: a caption"}}),
+        ([("label", "fig-x")], {}),                      # a label without a caption is no figure
+        ([("label", "tbl-x"), ("fig-cap", "c")], {"figure": {"caption": "c"}}),
+        ([("export", "")], {}),
+    ],
+)
+def test_figure_metadata(ext, directives, meta):
+    assert ext.figure_metadata(directives) == meta
+
+
+def test_figure_directives_reach_myst_nb(ext):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(
+        "#| fig-cap: The DPO loss against the margin\n#| label: fig-dpo-loss\n"
+        "#| fig-alt: A curve falling from the top left\nplt.plot(z, loss)")]
+    cell = ext.read_nbdev_notebook(nbformat.writes(nb)).cells[0]
+    assert cell.source == "plt.plot(z, loss)"
+    assert cell.metadata["mystnb"]["figure"] == {"caption": "The DPO loss against the margin",
+                                                "name": "fig-dpo-loss"}
+    assert cell.metadata["mystnb"]["image"] == {"alt": "A curve falling from the top left"}
+
+
+def test_kernels_draw_retina_figures(ext, monkeypatch):
+    "The kernels get a profile that draws figures at twice the pixel density, outside the repository."
+    monkeypatch.delenv("IPYTHONDIR", raising=False)
+    ext.setup(SimpleNamespace(connect=lambda *a: None, add_css_file=lambda *a: None))
+    import os
+    from pathlib import Path
+    ipython_dir = Path(os.environ["IPYTHONDIR"])
+    assert ROOT not in ipython_dir.parents
+    config = (ipython_dir / "profile_default" / "ipython_kernel_config.py").read_text()
+    assert "retina" in config

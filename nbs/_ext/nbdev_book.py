@@ -12,6 +12,7 @@ import configparser
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import nbformat
@@ -60,6 +61,28 @@ def split_directives(source: str) -> tuple[list[tuple[str, str]], str]:
     return directives, "\n".join(lines[i:])
 
 
+def _unquote(value: str) -> str:
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        value = value[1:-1]
+    return value
+
+
+def figure_metadata(directives: list[tuple[str, str]]) -> dict:
+    """myst-nb cell metadata for a figure, from Quarto-style directives that nbdev keeps:
+    `#| fig-cap: caption`, `#| label: fig-name` (the target of {numref}) and `#| fig-alt: text`.
+    A caption makes the cell's image a numbered figure; the alt text describes it in words."""
+    d = {name: _unquote(value) for name, value in directives}
+    meta = {}
+    if d.get("fig-cap"):
+        meta["figure"] = {"caption": d["fig-cap"]}
+        if d.get("label", "").startswith("fig-"):
+            meta["figure"]["name"] = d["label"]
+    if d.get("fig-alt"):
+        meta["image"] = {"alt": d["fig-alt"]}
+    return meta
+
+
 def read_nbdev_notebook(text: str) -> nbformat.NotebookNode:
     "myst-nb reader: an nbdev notebook with its directives turned into tags and stripped."
     nb = nbformat.reads(text, as_version=4)
@@ -72,6 +95,9 @@ def read_nbdev_notebook(text: str) -> nbformat.NotebookNode:
             continue
         tags = cell.metadata.setdefault("tags", [])
         tags.extend(t for t in cell_tags(directives, flags) if t not in tags)
+        fig = figure_metadata(directives)
+        if fig:
+            cell.metadata.setdefault("mystnb", {}).update(fig)
         cell.source = code
     return nb
 
@@ -94,10 +120,23 @@ def _config_inited(app, config):
     config.html_static_path = [*config.html_static_path, str(Path(__file__).parent / "static")]
 
 
+def _kernel_profile() -> str:
+    """A fresh IPython directory whose kernel profile draws inline figures at twice the pixel
+    density (\"retina\"), so that they stay sharp on high-density screens; a temporary folder, so
+    that the kernels' history files never land in the repository."""
+    ipython_dir = Path(tempfile.mkdtemp(prefix="dpo_lit-ipython-"))
+    profile = ipython_dir / "profile_default"
+    profile.mkdir()
+    (profile / "ipython_kernel_config.py").write_text(
+        "c.InlineBackend.figure_formats = {'retina'}\n", encoding="utf-8")
+    return str(ipython_dir)
+
+
 def setup(app):
     # Kernels inherit this process's environment; a non-inline MPLBACKEND (Agg, say) would make
     # plt.show() draw nothing, and every figure would silently vanish from the book.
     os.environ.pop("MPLBACKEND", None)
+    os.environ["IPYTHONDIR"] = _kernel_profile()
     app.connect("config-inited", _config_inited)
     app.connect("build-finished", _copy_mathjax)
     app.add_css_file("dpo_lit.css")
