@@ -39,7 +39,9 @@ setuptools.setup(
         "hf": reqs("hf_requirements"),
         "peft": reqs("peft_requirements"),
         "bench": reqs("bench_requirements"),
-        "dev": reqs("dev_requirements") + reqs("hf_requirements") + reqs("peft_requirements") + reqs("bench_requirements"),
+        "tracking": reqs("tracking_requirements"),
+        "dev": reqs("dev_requirements") + reqs("hf_requirements") + reqs("peft_requirements")
+        + reqs("bench_requirements") + reqs("tracking_requirements"),
     },
     entry_points={
         "console_scripts": cfg.get("console_scripts", "").split(),
