@@ -12,11 +12,18 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['FIELDS', 'MAX_REPORTED', 'render_conversation', 'check_record', 'load_preferences', 'ByteTokenizer',
-           'PreferenceCollator', 'length_grouped_batches']
+__all__ = ['FIELDS', 'MAX_REPORTED', 'MAX_LINE_BYTES', 'render_conversation', 'check_record', 'load_preferences', 'ByteTokenizer',
+           'tokenize_pair', 'truncate_example', 'pad_rows', 'PreferenceCollator', 'length_grouped_batches']
 
-# %% ../nbs/05_data.ipynb #234f3e15
+# %% ../nbs/05_data.ipynb #c55b35d0
 FIELDS = ("prompt", "chosen", "rejected")
+
+def _message_problem(key, i, m):
+    "What is wrong with message `i` of field `key`, else None."
+    if isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str):
+        return None
+    return (f"field {key!r}, message {i}: expected a dict with string 'role' and 'content', "
+            f"got {m!r:.80}")
 
 def _field_problem(key, value):
     "What is wrong with one field of a record (a non-empty string or list of messages), else None."
@@ -25,10 +32,7 @@ def _field_problem(key, value):
     if isinstance(value, list):
         if not value:
             return f"field {key!r} is an empty list of messages"
-        for i, m in enumerate(value):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                return f"field {key!r}, message {i}: expected a dict with string 'role' and 'content', got {m!r:.80}"
-        return None
+        return next((p for i, m in enumerate(value) if (p := _message_problem(key, i, m))), None)
     return f"field {key!r} must be a string or a list of messages, got {type(value).__name__}"
 
 def _split_implicit(chosen, rejected):
@@ -38,83 +42,136 @@ def _split_implicit(chosen, rejected):
         n += 1
     return chosen[:n], chosen[n:], rejected[n:]
 
-# %% ../nbs/05_data.ipynb #7d191121
+# %% ../nbs/05_data.ipynb #98db5b8b
 def render_conversation(prompt, completion, tokenizer):
-    "Prompt text (with generation prompt) and completion text of a conversation, via the chat template."
+    "Prompt text (with generation prompt) and completion text of a conversation, by its template."
     if tokenizer is None or not hasattr(tokenizer, "apply_chat_template"):
-        raise ValueError("conversational records need a tokenizer with a chat template (pass tokenizer=...)")
+        raise ValueError("conversational records need a tokenizer with a chat template "
+                         "(pass tokenizer=...)")
     head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
     if not full.startswith(head):
-        raise ValueError("the chat template does not render the prompt as a prefix of the whole conversation, "
-                         "so the completion cannot be cut out of it; render these records as strings first")
+        raise ValueError("the chat template does not render the prompt as a prefix of the whole "
+                         "conversation, so the completion cannot be cut out of it; "
+                         "render these records as strings first")
     return head, full[len(head):]
 
-def check_record(record, tokenizer=None):
-    "A record as a dict of three strings; ValueError naming the key or problem if it is not valid."
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a dict with keys {FIELDS}, got {type(record).__name__}")
-    keys = [k for k in FIELDS if k in record]
-    if "prompt" not in record and isinstance(record.get("chosen"), list) and isinstance(record.get("rejected"), list):
-        keys = ["chosen", "rejected"]                          # implicit prompt: whole conversations
-    elif len(keys) < 3:
-        raise ValueError(f"missing key {next(k for k in FIELDS if k not in record)!r}")
-    for k in keys:
-        if (p := _field_problem(k, record[k])) is not None:
-            raise ValueError(p)
-    kinds = {isinstance(record[k], str) for k in keys}
-    if kinds == {True}:
-        return {k: record[k] for k in FIELDS}
-    if kinds != {False}:
-        raise ValueError("fields mix strings and lists of messages: use one format per record")
-    if keys == ["chosen", "rejected"]:
+def _conversation_strings(record, tokenizer):
+    "Rendered prompt and completions of a conversational record (explicit or implicit prompt)."
+    if "prompt" in record:
+        prompt, chosen, rejected = record["prompt"], record["chosen"], record["rejected"]
+    else:
         prompt, chosen, rejected = _split_implicit(record["chosen"], record["rejected"])
         if not prompt:
-            raise ValueError("'chosen' and 'rejected' share no leading messages and there is no 'prompt'")
-    else:
-        prompt, chosen, rejected = record["prompt"], record["chosen"], record["rejected"]
+            raise ValueError("'chosen' and 'rejected' share no leading messages "
+                             "and there is no 'prompt'")
     text, c = render_conversation(prompt, chosen, tokenizer)
     _, r = render_conversation(prompt, rejected, tokenizer)
     for k, v in (("chosen", c), ("rejected", r)):
         if not v.strip():
             raise ValueError(f"field {k!r} renders to an empty completion")
-    return {"prompt": text, "chosen": c, "rejected": r}
+    return {"prompt": text, "chosen": c, "rejected": r, "conversational": True}
 
-# %% ../nbs/05_data.ipynb #e444f5e9
+def check_record(record, tokenizer=None):
+    "The record's three strings (plus `conversational`); ValueError naming the key or problem."
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a dict with keys {FIELDS}, got {type(record).__name__}")
+    implicit = "prompt" not in record and all(isinstance(record.get(k), list) for k in FIELDS[1:])
+    keys = FIELDS[1:] if implicit else FIELDS
+    if missing := [k for k in keys if k not in record]:
+        raise ValueError(f"missing key {missing[0]!r}")
+    for k in keys:
+        if (p := _field_problem(k, record[k])) is not None:
+            raise ValueError(p)
+    kinds = {isinstance(record[k], str) for k in keys}
+    if kinds == {False}:
+        return _conversation_strings(record, tokenizer)
+    if kinds != {True}:
+        raise ValueError("fields mix strings and lists of messages: use one format per record")
+    out = {k: record[k] for k in FIELDS}
+    if record.get("conversational") is True:                # strings rendered by a chat template
+        out["conversational"] = True
+    return out
+
+# %% ../nbs/05_data.ipynb #0f64c398
 MAX_REPORTED = 20
+MAX_LINE_BYTES = 2**20
 
-def _records(source):
-    "(place, record or JSON error) pairs from a list of dicts, a .jsonl path or a datasets.Dataset."
+def _jsonl_lines(path, max_line_bytes=MAX_LINE_BYTES):
+    "(number, bytes, length) of each line of a file; bytes is None for a line over max_line_bytes."
+    cap = -1 if max_line_bytes is None else max_line_bytes + 2          # room for "\r\n"
+    with open(path, "rb") as f:
+        n = 0
+        while chunk := f.readline(cap):
+            n += 1
+            if cap > 0 and len(chunk) == cap and not chunk.endswith(b"\n"):
+                size, tail = len(chunk), chunk[-2:]                     # over: count the rest
+                while chunk and not chunk.endswith(b"\n"):
+                    chunk = f.readline(1 << 20)
+                    size, tail = size + len(chunk), (tail + chunk)[-2:]
+                yield n, None, size - len(tail) + len(tail.rstrip(b"\r\n"))
+                continue
+            line = chunk.rstrip(b"\r\n")
+            too_long = max_line_bytes is not None and len(line) > max_line_bytes
+            yield n, None if too_long else line, len(line)
+
+def _decode_line(line, n):
+    "Text of line number `n`; ValueError naming the first byte that is not UTF-8 and its offset."
+    start = 3 if n == 1 and line.startswith(b"\xef\xbb\xbf") else 0     # a byte-order mark
+    try:
+        return line[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = start + e.start
+        raise ValueError(f"not UTF-8 (byte 0x{line[at]:02x} at offset {at} of the line)") from None
+
+# %% ../nbs/05_data.ipynb #bee3a258
+def _file_records(path, max_line_bytes):
+    "(place, record or ValueError) for each non-blank line of a JSONL file."
+    for n, line, size in _jsonl_lines(path, max_line_bytes):
+        place = f"{path.name}, line {n}"
+        if line is None:
+            yield place, ValueError(f"line is {size:,} bytes long, over "
+                                    f"max_line_bytes={max_line_bytes:,} "
+                                    "(pass a larger max_line_bytes, or None, to load it)")
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield place, json.loads(_decode_line(line, n))
+        except json.JSONDecodeError as e:
+            yield place, ValueError(f"malformed JSON ({e.msg} at column {e.colno})")
+        except ValueError as e:
+            yield place, e
+
+def _records(source, max_line_bytes=MAX_LINE_BYTES):
+    "(place, record or error) pairs from a list of dicts, a .jsonl path or a datasets.Dataset."
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
             raise ValueError(f"source {str(path)!r} is not a file")
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path.name}, line {n}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield f"{path.name}, line {n}", ValueError(f"malformed JSON ({e.msg} at column {e.colno})")
+        yield from _file_records(path, max_line_bytes)
         return
     kind = type(source).__module__.split(".")[0]
     if kind == "datasets":
         if not hasattr(source, "column_names") or isinstance(source.column_names, dict):
-            raise ValueError("source is a datasets.DatasetDict: pass one split, e.g. dataset['train']")
+            raise ValueError("source is a datasets.DatasetDict: pass one split, "
+                             "e.g. dataset['train']")
         where = "dataset row"
     elif isinstance(source, (list, tuple)):
         where = "record"
     else:
-        raise TypeError(f"source must be a list of dicts, a path to a .jsonl file or a datasets.Dataset, "
-                        f"got {type(source).__name__}")
+        raise TypeError("source must be a list of dicts, a path to a .jsonl file or a "
+                        f"datasets.Dataset, got {type(source).__name__}")
     for i, rec in enumerate(source):
         yield f"{where} {i}", rec
 
-def load_preferences(source, *, tokenizer=None):
-    "Validated records with string 'prompt', 'chosen', 'rejected' from a list, a JSONL file or a Dataset."
+# %% ../nbs/05_data.ipynb #e5d22c39
+def load_preferences(source, *, tokenizer=None, max_line_bytes=MAX_LINE_BYTES):
+    "Validated records (strings 'prompt', 'chosen', 'rejected') from a list, JSONL file or Dataset."
+    if max_line_bytes is not None and not (isinstance(max_line_bytes, int) and max_line_bytes > 0):
+        raise ValueError(f"max_line_bytes must be None or a positive int, got {max_line_bytes!r}")
     records, problems, n_same = [], [], 0
-    for place, rec in _records(source):
+    for place, rec in _records(source, max_line_bytes):
         try:
             if isinstance(rec, Exception):
                 raise rec
@@ -130,17 +187,17 @@ def load_preferences(source, *, tokenizer=None):
         else:
             records.append(rec)
     if problems:
-        raise ValueError(f"invalid preference data, nothing loaded:\n  " + "\n  ".join(problems))
+        raise ValueError("invalid preference data, nothing loaded:\n  " + "\n  ".join(problems))
     if n_same:
-        warnings.warn(f"load_preferences dropped {n_same} record(s) whose chosen and rejected are identical",
-                      stacklevel=2)
+        warnings.warn(f"load_preferences dropped {n_same} record(s) whose chosen and rejected are "
+                      "identical", stacklevel=2)
     if not records:
         raise ValueError("source holds no usable preference records")
     return records
 
-# %% ../nbs/05_data.ipynb #b41668a5
+# %% ../nbs/05_data.ipynb #8009c5e7
 class ByteTokenizer:
-    "Offline byte-level tokenizer: ids 0-255 are UTF-8 bytes, 256 is padding, 257 is end of sequence."
+    "Offline byte-level tokenizer: ids 0-255 are UTF-8 bytes, 256 is padding, 257 ends a sequence."
     pad_token_id, eos_token_id, bos_token_id = 256, 257, None
     pad_token, eos_token, bos_token = "<pad>", "<eos>", None
     vocab_size = 258
@@ -174,57 +231,118 @@ class ByteTokenizer:
     def __len__(self):
         return self.vocab_size
 
-# %% ../nbs/05_data.ipynb #815d210b
+# %% ../nbs/05_data.ipynb #d2700b2c
 def _ids(value, key):
     "A list of ints from a list/tuple/tensor of token ids; ValueError naming `key` otherwise."
     if isinstance(value, torch.Tensor):
         value = value.tolist()
-    if not isinstance(value, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+    is_seq = isinstance(value, (list, tuple))
+    if not (is_seq and all(isinstance(i, int) and not isinstance(i, bool) for i in value)):
         raise ValueError(f"{key} must be a list of int token ids")
     return list(value)
 
-class PreferenceCollator:
-    "Tokenise, truncate and right-pad preference examples into one [2B, T] batch, chosen rows first."
+def _encode(tokenizer, text):
+    "Token ids of `text`, without special tokens added by the tokenizer."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return list(getattr(ids, "ids", ids))
 
-    def __init__(self, tokenizer, max_length=512, max_prompt_length=None, add_eos=True, pad_to_multiple_of=None):
+def _common_prefix(a, b):
+    "Number of leading ids that `a` and `b` share."
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+def _check_add_eos(add_eos):
+    if not (isinstance(add_eos, bool) or add_eos == "auto"):
+        raise ValueError(f"add_eos must be 'auto', True or False, got {add_eos!r}")
+
+def tokenize_pair(record, tokenizer, add_eos="auto"):
+    "Untruncated prompt, chosen and rejected ids of a record: TRL's split, then the EOS rule."
+    _check_add_eos(add_eos)
+    rec = check_record(record, tokenizer)
+    chat = rec.get("conversational") is True
+    if chat:                         # whole conversations; the prompt ends where the ids part
+        p = _encode(tokenizer, rec["prompt"])
+        whole = [_encode(tokenizer, rec["prompt"] + rec[k]) for k in ("chosen", "rejected")]
+        n = min(_common_prefix(p, w) for w in whole)
+        if n < len(p):
+            warnings.warn(f"the last {len(p) - n} prompt token(s) merge with the completion when "
+                          "the whole conversation is tokenised; they are scored as completion")
+        p, c, r = p[:n], whole[0][n:], whole[1][n:]
+    else:
+        p, c, r = (_encode(tokenizer, rec[k]) for k in FIELDS)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and (add_eos is True or (add_eos == "auto" and not chat)):
+        c, r = [s if s and s[-1] == eos else s + [eos] for s in (c, r)]
+    return {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+
+# %% ../nbs/05_data.ipynb #dd2c10a6
+def truncate_example(ids, max_length, max_prompt_length=None):
+    "Prompt kept from its end, completions from their start, to fit max_length; None if no room."
+    p = ids["prompt_ids"] if max_prompt_length is None else ids["prompt_ids"][-max_prompt_length:]
+    room = max_length - len(p)
+    if room < 1:
+        return None                                        # no room for a single completion token
+    c, r = ids["chosen_ids"][:room], ids["rejected_ids"][:room]
+    for k, s in (("chosen", c), ("rejected", r)):
+        if not s:
+            raise ValueError(f"{k} has no tokens: an empty completion carries no preference")
+    return {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+
+# %% ../nbs/05_data.ipynb #edf14c83
+def pad_rows(rows, pad_id, pad_to_multiple_of=None):
+    "Right-padded input_ids, attention_mask [N, T] long and completion_mask [N, T] bool of rows."
+    T = max(len(p) + len(c) for p, c in rows)
+    if pad_to_multiple_of:
+        T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
+    completion_mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, (p, c) in enumerate(rows):
+        n = len(p) + len(c)
+        input_ids[i, :n] = torch.tensor(p + c, dtype=torch.long)
+        attention_mask[i, :n] = 1
+        completion_mask[i, len(p):n] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "completion_mask": completion_mask}
+
+# %% ../nbs/05_data.ipynb #90b6bce4
+class PreferenceCollator:
+    "Tokenise, truncate and right-pad preference examples to one [2B, T] batch, chosen rows first."
+
+    def __init__(self, tokenizer, max_length=512, max_prompt_length=None, add_eos="auto",
+                 pad_to_multiple_of=None):
         if not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
-        if max_prompt_length is not None and not (isinstance(max_prompt_length, int) and 1 <= max_prompt_length < max_length):
-            raise ValueError(f"max_prompt_length must be None or an int in [1, max_length), got {max_prompt_length!r}")
-        if pad_to_multiple_of is not None and not (isinstance(pad_to_multiple_of, int) and pad_to_multiple_of >= 1):
-            raise ValueError(f"pad_to_multiple_of must be None or a positive int, got {pad_to_multiple_of!r}")
-        self.tokenizer, self.max_length, self.max_prompt_length = tokenizer, max_length, max_prompt_length
-        self.pad_to_multiple_of = pad_to_multiple_of
-        eos = getattr(tokenizer, "eos_token_id", None)
-        self.eos_id = eos if add_eos else None
+        if max_prompt_length is not None and not (
+                isinstance(max_prompt_length, int) and 1 <= max_prompt_length < max_length):
+            raise ValueError("max_prompt_length must be None or an int in [1, max_length), "
+                             f"got {max_prompt_length!r}")
+        if pad_to_multiple_of is not None and not (
+                isinstance(pad_to_multiple_of, int) and pad_to_multiple_of >= 1):
+            raise ValueError("pad_to_multiple_of must be None or a positive int, "
+                             f"got {pad_to_multiple_of!r}")
+        _check_add_eos(add_eos)
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.max_prompt_length = max_prompt_length
+        self.add_eos, self.pad_to_multiple_of = add_eos, pad_to_multiple_of
+        self.eos_id = getattr(tokenizer, "eos_token_id", None)
         pad = getattr(tokenizer, "pad_token_id", None)
-        self.pad_id = pad if pad is not None else (eos if eos is not None else 0)
+        self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
         self.n_dropped = 0
 
     def encode(self, text):
         "Token ids of `text`, without special tokens added by the tokenizer."
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return list(getattr(ids, "ids", ids))
+        return _encode(self.tokenizer, text)
 
     def tokenize(self, record):
-        "Truncated `prompt_ids`, `chosen_ids`, `rejected_ids` of one example, or None if the prompt fills max_length."
+        "Truncated prompt_ids, chosen_ids, rejected_ids of an example; None if the prompt fills it."
         if isinstance(record, dict) and all(f"{k}_ids" in record for k in FIELDS):
-            p, c, r = (_ids(record[f"{k}_ids"], f"{k}_ids") for k in FIELDS)
+            ids = {f"{k}_ids": _ids(record[f"{k}_ids"], f"{k}_ids") for k in FIELDS}
         else:
-            rec = check_record(record, self.tokenizer)
-            p, c, r = (self.encode(rec[k]) for k in FIELDS)
-            if self.eos_id is not None:
-                c, r = [s if s and s[-1] == self.eos_id else s + [self.eos_id] for s in (c, r)]
-        if self.max_prompt_length is not None:
-            p = p[-self.max_prompt_length:]                   # keep the end of the prompt
-        room = self.max_length - len(p)
-        if room < 1:
-            return None                                        # no room for a single completion token
-        c, r = c[:room], r[:room]                              # keep the start of each completion
-        for k, s in (("chosen", c), ("rejected", r)):
-            if not s:
-                raise ValueError(f"{k} has no tokens: an empty completion carries no preference")
-        return {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+            ids = tokenize_pair(record, self.tokenizer, self.add_eos)
+        return truncate_example(ids, self.max_length, self.max_prompt_length)
 
     def __call__(self, examples):
         "Batch dict: input_ids, attention_mask [2B, T] long and completion_mask [2B, T] bool."
@@ -238,25 +356,16 @@ class PreferenceCollator:
             else:
                 toks.append(t)
         if not toks:
-            raise ValueError(f"all {len(examples)} examples of this batch were dropped because their prompts "
-                             f"fill max_length={self.max_length}: raise max_length or set max_prompt_length")
-        rows = [(t["prompt_ids"], t["chosen_ids"]) for t in toks] + [(t["prompt_ids"], t["rejected_ids"]) for t in toks]
-        T = max(len(p) + len(c) for p, c in rows)
-        if self.pad_to_multiple_of:
-            T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
-        completion_mask = torch.zeros(len(rows), T, dtype=torch.bool)
-        for i, (p, c) in enumerate(rows):
-            n = len(p) + len(c)
-            input_ids[i, :n] = torch.tensor(p + c, dtype=torch.long)
-            attention_mask[i, :n] = 1
-            completion_mask[i, len(p):n] = True
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+            raise ValueError(f"all {len(examples)} examples of this batch were dropped because "
+                             f"their prompts fill max_length={self.max_length}: raise max_length "
+                             "or set max_prompt_length")
+        rows = ([(t["prompt_ids"], t["chosen_ids"]) for t in toks]
+                + [(t["prompt_ids"], t["rejected_ids"]) for t in toks])
+        return pad_rows(rows, self.pad_id, self.pad_to_multiple_of)
 
-# %% ../nbs/05_data.ipynb #00deb6c5
+# %% ../nbs/05_data.ipynb #7b35e043
 def length_grouped_batches(lengths, batch_size, *, shuffle=True, seed=0, mega_batch_mult=50):
-    "Batches of indices with similar `lengths`: sorted inside shuffled mega-batches (globally if not shuffle)."
+    "Batches of indices with similar `lengths`: sorted inside shuffled mega-batches (or globally)."
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not isinstance(mega_batch_mult, int) or mega_batch_mult < 1:

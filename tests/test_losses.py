@@ -12,7 +12,10 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from dpo_lit.losses import F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, LOSS_TYPES, preference_loss
+import dpo_lit.losses as losses_module
+from dpo_lit.losses import (F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, LOSS_TYPES, SMOOTHED_LOSS_TYPES,
+                            check_loss_options, loss_spec, loss_table, preference_loss, register_loss,
+                            unregister_loss)
 
 # label smoothing each type is tested with (EXO needs ε > 0; the others use it where they can)
 EPS = {"exo_pair": 1e-3, "robust": 0.1, "sigmoid": 0.1, "sigmoid_norm": 0.05, "aot": 0.1, "aot_unpaired": 0.2}
@@ -219,7 +222,7 @@ def test_half_precision_is_computed_in_float32(dtype):
         want = preference_loss(*[x.float() for x in half], **kw)
         for o, w in zip(out, want):
             assert o.dtype == torch.float32, t
-            assert torch.equal(o, w), t
+            assert torch.equal(o, w), t  # exact: the same float32 computation after the upcast, by construction
 
 
 def test_dtype_promotion_and_non_tensor_inputs():
@@ -300,7 +303,7 @@ def _batch():
     (dict(loss_type="robust", label_smoothing=0.5), "'robust' needs label_smoothing"),
     (dict(loss_type="exo_pair"), "'exo_pair' needs label_smoothing > 0"),
     (dict(loss_type="hinge", label_smoothing=0.1), "has no effect on loss_type"),
-    (dict(loss_type="sigmoid_norm"), "'sigmoid_norm' is length-normalised"),
+    (dict(loss_type="sigmoid_norm"), "'sigmoid_norm' needs chosen_lengths and rejected_lengths"),
     (dict(loss_type=["sigmoid", "ipo"], loss_weights=[1.0]), "loss_weights has 1 entries but loss_type has 2"),
     (dict(loss_weights=[1.0, 2.0]), "loss_weights has 2 entries"),
     (dict(f_divergence="hellinger"), "f_divergence must be one of"),
@@ -399,3 +402,129 @@ def test_agrees_with_trl(loss_type, options):
     torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(pol[0].grad, want_gc, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(pol[1].grad, want_gr, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the registry
+BUILT_IN = ("sigmoid", "hinge", "ipo", "exo_pair", "robust", "discopop", "sigmoid_norm", "nca_pair", "bco_pair",
+            "sppo_hard", "apo_zero", "apo_down", "aot", "aot_unpaired")
+
+
+@pytest.fixture
+def cubic():
+    "A throwaway loss type, registered for one test and removed afterwards whatever happens."
+    @register_loss("cubic_test", inputs=lambda b: (b.z, b.cubic_c), f_divergence=True, needs_lengths=True,
+                   params={"cubic_c": 2.0}, requires={"cubic_c": (lambda c: c > 0, "cubic_c > 0")},
+                   paper="nobody (2026)", cite="none", formula="$c(1-z)^2$", use="tests")
+    def cubic_loss(z, c): return c * torch.relu(1 - z) ** 3
+    yield cubic_loss
+    if "cubic_test" in LOSS_TYPES: unregister_loss("cubic_test")
+
+
+def test_builtin_registry_and_derived_tuples():
+    assert tuple(LOSS_TYPES) == BUILT_IN
+    assert set(F_DIVERGENCE_LOSS_TYPES) == {"sigmoid", "hinge", "ipo", "exo_pair", "robust", "discopop", "sigmoid_norm"}
+    assert set(SMOOTHED_LOSS_TYPES) == {"sigmoid", "sigmoid_norm", "robust", "exo_pair", "aot", "aot_unpaired"}
+    assert {t for t in LOSS_TYPES if loss_spec(t).needs_lengths} == {"sigmoid_norm"}
+    assert all(loss_spec(t).needs_reference for t in LOSS_TYPES)
+    assert {t: loss_spec(t).params for t in LOSS_TYPES if loss_spec(t).params} == {
+        "discopop": {"discopop_tau": 0.05}, "bco_pair": {"bco_delta": 0.0}}
+    for t in LOSS_TYPES:
+        s = loss_spec(t)
+        assert s.name == t and s.paper and s.cite and s.formula and s.use, t
+
+
+def test_loss_types_is_a_live_tuple_like_view(cubic):
+    imported_before = LOSS_TYPES  # a name bound before the registration, as other modules hold it
+    assert "cubic_test" in imported_before and "cubic_test" in F_DIVERGENCE_LOSS_TYPES
+    assert "cubic_test" not in SMOOTHED_LOSS_TYPES
+    assert len(LOSS_TYPES) == len(BUILT_IN) + 1 and LOSS_TYPES[-1] == "cubic_test"
+    assert list(LOSS_TYPES) == [*BUILT_IN, "cubic_test"] and LOSS_TYPES == (*BUILT_IN, "cubic_test")
+    assert repr(LOSS_TYPES) == repr((*BUILT_IN, "cubic_test")) and str(LOSS_TYPES) == str(tuple(LOSS_TYPES))
+    assert LOSS_TYPES + ("unweighted",) == (*BUILT_IN, "cubic_test", "unweighted")
+    assert ("x",) + LOSS_TYPES == ("x", *BUILT_IN, "cubic_test")
+    assert losses_module.LOSS_TYPES is LOSS_TYPES
+    unregister_loss("cubic_test")
+    assert "cubic_test" not in imported_before and tuple(imported_before) == BUILT_IN
+    assert "cubic_test" not in F_DIVERGENCE_LOSS_TYPES
+
+
+def test_registered_loss_is_dispatched_validated_and_tabled(cubic):
+    logps, (nc, nr) = random_batch(30, spread=2.0)
+    z = 0.1 * ((logps[0] - logps[2]) - (logps[1] - logps[3]))
+    lens = dict(chosen_lengths=nc, rejected_lengths=nr)
+    torch.testing.assert_close(preference_loss(*logps, loss_type="cubic_test", **lens)[0], 2.0 * torch.relu(1 - z) ** 3)
+    got = preference_loss(*logps, loss_type=["sigmoid", "cubic_test"], loss_weights=[1.0, 0.5], **lens,
+                          loss_params={"cubic_c": 3.0})[0]
+    torch.testing.assert_close(got, preference_loss(*logps)[0] + 1.5 * torch.relu(1 - z) ** 3)
+    with pytest.raises(ValueError, match="loss_type 'cubic_test' needs chosen_lengths and rejected_lengths"):
+        preference_loss(*logps, loss_type="cubic_test")
+    with pytest.raises(ValueError, match=r"loss_type 'cubic_test' needs cubic_c > 0, got cubic_c=0"):
+        check_loss_options("cubic_test", loss_params={"cubic_c": 0})
+    with pytest.raises(ValueError, match=r"loss_params\['cubic_c'\] has no effect .* belongs to \['cubic_test'\]"):
+        check_loss_options("sigmoid", loss_params={"cubic_c": 1.0})
+    assert "| `cubic_test`, `cubic_c` = 2.0 | $c(1-z)^2$ | — |" in loss_table()
+
+
+def test_register_loss_rejects_bad_registrations(cubic):
+    def other(z): return z
+    with pytest.raises(ValueError, match="'cubic_test' is already registered"):
+        register_loss("cubic_test", inputs=lambda b: (b.z,))(other)
+    register_loss("cubic_test", inputs=lambda b: (b.z, b.cubic_c), params={"cubic_c": 1.0})(cubic)  # a re-run
+    assert loss_spec("cubic_test").params == {"cubic_c": 1.0}
+    bad = [(dict(name="has space"), "must be an identifier"),
+           (dict(params={"beta": 1.0}), "'beta' cannot name a hyperparameter"),
+           (dict(params={"z": 1.0}), "'z' cannot name a hyperparameter"),  # a quantity of LossInputs
+           (dict(params={"k": "one"}), "the default of k must be a finite number"),
+           (dict(params={"k": -1.0}, requires={"k": (lambda k: k > 0, "k > 0")}), "the default k=-1.0 fails"),
+           (dict(requires={"label_smoothing": (lambda e: e > 0, "e > 0")}), "requires names 'label_smoothing'"),
+           (dict(requires={"k": "k > 0"}), "requires names 'k'")]
+    for options, message in bad:
+        name = options.pop("name", "bad_test")
+        with pytest.raises(ValueError, match=message):
+            register_loss(name, inputs=lambda b: (b.z,), **options)(other)
+        assert "bad_test" not in LOSS_TYPES
+    with pytest.raises(TypeError, match="weigth"):
+        register_loss("bad_test", inputs=lambda b: (b.z,), weigth="typo")(other)
+    with pytest.raises(ValueError, match="no loss_type 'nope' is registered"):
+        unregister_loss("nope")
+    with pytest.raises(ValueError, match="unknown loss_type 'nope'"):
+        loss_spec("nope")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(loss_type="discopop", loss_params={"discopop_tau": -1.0}), "'discopop' needs discopop_tau > 0"),
+    (dict(loss_type="discopop", loss_params={"tau": 0.1}), r"loss_params\['tau'\] has no effect.*hyperparameters are"),
+    (dict(loss_type="sigmoid", loss_params={"bco_delta": 0.1}), r"it belongs to \['bco_pair'\]"),
+    (dict(loss_type="bco_pair", loss_params={"bco_delta": float("inf")}), r"loss_params\['bco_delta'\] must be a finite"),
+    (dict(loss_type="bco_pair", loss_params={"bco_delta": True}), r"loss_params\['bco_delta'\] must be a finite"),
+    (dict(loss_type="bco_pair", loss_params=[("bco_delta", 0.1)]), "loss_params must be a dict"),
+    (dict(loss_type=None), "loss_type must be a name or a list of names"),
+    (dict(loss_type=["sigmoid"], loss_weights=["a"]), "loss_weights must be numbers"),
+    (dict(loss_type=["sigmoid"], loss_weights=[float("nan")]), "loss_weights must be finite"),
+    (dict(loss_type="sigmoid", label_smoothing="0.1"), "label_smoothing must lie in"),
+])
+def test_check_loss_options_names_the_option(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        check_loss_options(**kwargs)
+    with pytest.raises(ValueError, match=message):  # the same validation inside the loss
+        preference_loss(*_batch(), **kwargs)
+
+
+def test_check_loss_options_returns_types_and_weights():
+    assert check_loss_options("sigmoid") == (["sigmoid"], [1.0])
+    assert check_loss_options(("ipo", "hinge"), loss_weights=(2, 0.5)) == (["ipo", "hinge"], [2.0, 0.5])
+    assert check_loss_options("hinge", loss_weights=3) == (["hinge"], [3.0])
+
+
+def test_loss_params_and_old_keywords_agree():
+    logps, _ = random_batch(31)
+    new = preference_loss(*logps, loss_type="discopop", loss_params={"discopop_tau": 0.3})[0]
+    old = preference_loss(*logps, loss_type="discopop", discopop_tau=0.3)[0]
+    np.testing.assert_allclose(new.numpy(), np_loss("discopop", *[x.numpy() for x in logps], 0.1, tau=0.3), rtol=1e-9)
+    torch.testing.assert_close(new, old)
+    got = preference_loss(*logps, loss_type="bco_pair", loss_params={"bco_delta": 0.4})[0]
+    np.testing.assert_allclose(got.numpy(), np_loss("bco_pair", *[x.numpy() for x in logps], 0.1, delta=0.4), rtol=1e-9)
+    # the older keywords stay ignored by losses that do not use them
+    torch.testing.assert_close(preference_loss(*logps, discopop_tau=0.3, bco_delta=0.4)[0], preference_loss(*logps)[0])
+    with pytest.raises(ValueError, match="discopop_tau is given twice"):
+        preference_loss(*logps, loss_type="discopop", discopop_tau=0.3, loss_params={"discopop_tau": 0.3})
