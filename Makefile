@@ -11,11 +11,12 @@ TORCH_PIN := torch==2.13.0
 BOOK_FLAGS := -W -n --keep-going
 export PYTHONHASHSEED := 0
 
-.PHONY: help venv export clean-nbs sync nbtest pytest book browser test test-slow bench clean
+.PHONY: help venv export clean-nbs sync nbtest pytest book browser test test-slow bench gpu-check clean
 
 help:
 	@echo "make book   execute every notebook and render the book to _build/html"
 	@echo "make test   sync check, notebook tests, pytest, strict book build, browser check"
+	@echo "make gpu-check   every GPU path, where CUDA exists (no venv needed)"
 
 $(STAMP): setup.py settings.ini pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -88,6 +89,12 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m dpo_lit.bench
+
+# Every GPU path on this machine's CUDA GPU(s): the gpu cells, the GPU benchmark, DDP and FSDP,
+# bf16 and fp16 training. Needs no venv (the system python3 with torch and transformers is
+# enough). Without CUDA it says so and exits 0.
+gpu-check:
+	PYTHONPATH=$(CURDIR) python3 -m dpo_lit.gpu_check --out nbs/bench_results/gpu-check-$$(date +%F).json
 
 clean:
 	rm -rf _build dist build *.egg-info

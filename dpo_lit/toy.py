@@ -16,40 +16,68 @@ from torch import nn
 from .logprobs import sequence_logps
 
 # %% auto #0
-__all__ = ['WORD_SCORES', 'WordTokenizer', 'MarkovLanguage', 'optimal_policy', 'optimal_frontier', 'TinyLMConfig', 'TinyBlock',
-           'TinyLM', 'generate', 'pack_completions', 'completion_logps', 'sft_train', 'policy_stats',
-           'preference_pairs', 'bon_kl_bound', 'best_of_n']
+__all__ = ['WORD_SCORES', 'WordTokenizer', 'MarkovLanguage', 'tilted_chain', 'chain_frontier', 'TinyLMConfig', 'TinyBlock',
+           'TinyLM', 'generate', 'pack_completions', 'completion_logps', 'sft_train', 'reference_partition',
+           'reference_frontier', 'ChainLM', 'policy_stats', 'preference_pairs', 'bon_kl_bound', 'best_of_n']
 
-# %% ../nbs/08_tiny_lm.ipynb #5260f28e
+# %% ../nbs/08_tiny_lm.ipynb #dbd9aaba
 WORD_SCORES = {
-    "great": 1.0, "lovely": 0.85, "good": 0.7, "fun": 0.6, "warm": 0.5, "bright": 0.4, "fine": 0.3, "calm": 0.2,
-    "the": 0.0, "a": 0.02, "film": -0.02, "plot": 0.04, "cast": -0.04, "story": 0.06, "scene": -0.06, "music": 0.08,
-    "odd": -0.2, "weak": -0.3, "dull": -0.4, "cold": -0.5, "sad": -0.6, "bad": -0.7, "grim": -0.85, "awful": -1.0,
+    "great": 1.0,
+    "lovely": 0.85,
+    "good": 0.7,
+    "fun": 0.6,
+    "warm": 0.5,
+    "bright": 0.4,
+    "fine": 0.3,
+    "calm": 0.2,
+    "the": 0.0,
+    "a": 0.02,
+    "film": -0.02,
+    "plot": 0.04,
+    "cast": -0.04,
+    "story": 0.06,
+    "scene": -0.06,
+    "music": 0.08,
+    "odd": -0.2,
+    "weak": -0.3,
+    "dull": -0.4,
+    "cold": -0.5,
+    "sad": -0.6,
+    "bad": -0.7,
+    "grim": -0.85,
+    "awful": -1.0,
 }
 
-
+# %% ../nbs/08_tiny_lm.ipynb #b433ccee
 class WordTokenizer:
     "Whitespace word-level tokenizer: ids 0 and 1 are `<pad>` and `<eos>`, then one id per word."
+
     special_tokens = ("<pad>", "<eos>")
 
     def __init__(self, words):
         words = list(words)
-        if len(set(words)) != len(words): raise ValueError("words: the vocabulary has duplicates")
+        if len(set(words)) != len(words):
+            raise ValueError("words: the vocabulary has duplicates")
         bad = [w for w in words if not w or w.split() != [w]]
-        if bad: raise ValueError(f"words: {bad[0]!r} is not a single whitespace-free word")
+        if bad:
+            raise ValueError(f"words: {bad[0]!r} is not a single whitespace-free word")
         self.vocab = list(self.special_tokens) + words
         self.token_to_id = {w: i for i, w in enumerate(self.vocab)}
         self.pad_token_id, self.eos_token_id, self.bos_token_id = 0, 1, None
 
     @property
-    def vocab_size(self): return len(self.vocab)
-    def __len__(self): return self.vocab_size
+    def vocab_size(self):
+        return len(self.vocab)
+
+    def __len__(self):
+        return self.vocab_size
 
     def encode(self, text, add_special_tokens=False):
         "Ids of the whitespace-separated words of `text` (no special tokens added)."
         ids = []
         for w in text.split():
-            if w not in self.token_to_id: raise ValueError(f"text: unknown word {w!r}")
+            if w not in self.token_to_id:
+                raise ValueError(f"text: unknown word {w!r}")
             ids.append(self.token_to_id[w])
         return ids
 
@@ -62,14 +90,26 @@ class WordTokenizer:
     def __call__(self, text, add_special_tokens=False, **kwargs):
         return {"input_ids": self.encode(text)}
 
-# %% ../nbs/08_tiny_lm.ipynb #54919867
+# %% ../nbs/08_tiny_lm.ipynb #84578678
+def _markov_walk(P, rng, n, length, prev=None):
+    "`n` walks of `length` steps of the chain P, from uniform starts or from the words `prev`."
+    out, cum = np.empty((n, length), dtype=np.int64), np.cumsum(P, 1)
+    for t in range(length):
+        u = rng.random(n)
+        nxt = (u * len(P)).astype(np.int64) if prev is None else (u[:, None] > cum[prev]).sum(1)
+        out[:, t] = prev = np.minimum(nxt, len(P) - 1)
+    return out
+
+# %% ../nbs/08_tiny_lm.ipynb #6ac74ca6
 class MarkovLanguage:
     "A first-order Markov chain over words, each word with a known sentiment score."
 
     def __init__(self, word_scores=None, prompt_len=3, completion_len=5, mood=2.0, seed=0):
         word_scores = dict(WORD_SCORES if word_scores is None else word_scores)
-        if prompt_len < 1: raise ValueError(f"prompt_len: expected >= 1, got {prompt_len}")
-        if completion_len < 1: raise ValueError(f"completion_len: expected >= 1, got {completion_len}")
+        if prompt_len < 1:
+            raise ValueError(f"prompt_len: expected >= 1, got {prompt_len}")
+        if completion_len < 1:
+            raise ValueError(f"completion_len: expected >= 1, got {completion_len}")
         self.words = list(word_scores)
         self.scores = np.array([word_scores[w] for w in self.words], dtype=np.float64)
         self.prompt_len, self.completion_len = prompt_len, completion_len
@@ -77,26 +117,21 @@ class MarkovLanguage:
         n = len(self.words)
         sign = np.sign(np.where(np.abs(self.scores) < 0.1, 0.0, self.scores))
         logits = rng.normal(0.0, 1.0, (n, n)) + mood * (np.outer(sign, sign) > 0)
-        self.P = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)   # P[i, j] = P(word j | word i)
+        # P[i, j] = P(word j | word i)
+        self.P = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
         self.tokenizer = WordTokenizer(self.words)
-        self.offset = len(WordTokenizer.special_tokens)                   # token id = word index + offset
-
-    def _walk(self, rng, n, length, prev=None):
-        out, cum = np.empty((n, length), dtype=np.int64), np.cumsum(self.P, 1)
-        for t in range(length):
-            u = rng.random(n)
-            out[:, t] = (u * len(self.words)).astype(np.int64) if prev is None else (u[:, None] > cum[prev]).sum(1)
-            out[:, t] = np.minimum(out[:, t], len(self.words) - 1)
-            prev = out[:, t]
-        return out
+        # token id = word index + offset
+        self.offset = len(WordTokenizer.special_tokens)
 
     def sample(self, n, seed=0):
-        "`n` prompts [n, prompt_len] and completions [n, completion_len + 1] (ending in EOS), as token ids."
+        "`n` prompts [n, prompt_len] and completions [n, completion_len + 1] ending in EOS, as ids."
         rng = np.random.default_rng(seed)
-        x = self._walk(rng, n, self.prompt_len)
-        y = self._walk(rng, n, self.completion_len, prev=x[:, -1])
+        x = _markov_walk(self.P, rng, n, self.prompt_len)
+        y = _markov_walk(self.P, rng, n, self.completion_len, prev=x[:, -1])
         eos = np.full((n, 1), self.tokenizer.eos_token_id)
-        return torch.from_numpy(x + self.offset), torch.from_numpy(np.concatenate([y + self.offset, eos], 1))
+        return torch.from_numpy(x + self.offset), torch.from_numpy(
+            np.concatenate([y + self.offset, eos], 1)
+        )
 
     def token_scores(self):
         "s(token) for every token id, float64; the special tokens score 0."
@@ -105,48 +140,55 @@ class MarkovLanguage:
     def reward(self, completions):
         "r(x, y) = sum of the word scores of y, for a [n, T] id tensor or a list of id lists."
         s = self.token_scores()
-        if isinstance(completions, torch.Tensor): return s[completions].sum(-1)
+        if isinstance(completions, torch.Tensor):
+            return s[completions].sum(-1)
         return torch.stack([s[torch.as_tensor(c, dtype=torch.long)].sum() for c in completions])
 
     def logp(self, prompts, completions):
-        "log P(y | x) under the chain, for completions of exactly `completion_len` words (then EOS)."
+        "log P(y | x) under the chain, for completions of exactly `completion_len` words, then EOS."
         x = np.asarray(prompts) - self.offset
-        y = np.asarray(completions)[:, :self.completion_len] - self.offset
+        y = np.asarray(completions)[:, : self.completion_len] - self.offset
         prev, lp = x[:, -1], np.zeros(len(x))
         for t in range(self.completion_len):
-            lp += np.log(self.P[prev, y[:, t]]); prev = y[:, t]
+            lp += np.log(self.P[prev, y[:, t]])
+            prev = y[:, t]
         return torch.from_numpy(lp)
 
-# %% ../nbs/08_tiny_lm.ipynb #ecb620ac
-def optimal_policy(language, beta):
-    "Transitions Q[t][u, v] of π*_β ∝ P·exp(r/β) for t = 1..L, and log Z per last prompt word, by eq. (toy-soft-values)."
-    if beta <= 0: raise ValueError(f"beta: expected > 0, got {beta}")
+# %% ../nbs/08_tiny_lm.ipynb #14fec461
+def tilted_chain(language, beta):
+    "Transitions Q[t][u, v] of π*_β ∝ P·exp(r/β), t = 1..L, and log Z per last prompt word."
+    if beta <= 0:
+        raise ValueError(f"beta: expected > 0, got {beta}")
     V, Q = np.zeros(len(language.words)), []
-    for _ in range(language.completion_len):                          # t = L, L-1, ..., 1
+    for _ in range(language.completion_len):  # t = L, L-1, ..., 1
         logw = np.log(language.P) + (language.scores / beta + V)[None, :]
-        m = logw.max(1, keepdims=True)                                  # log-sum-exp, stable for small β
+        # log-sum-exp, stable for small β
+        m = logw.max(1, keepdims=True)
         w = np.exp(logw - m)
-        Q.append(w / w.sum(1, keepdims=True)); V = m[:, 0] + np.log(w.sum(1))
+        Q.append(w / w.sum(1, keepdims=True))
+        V = m[:, 0] + np.log(w.sum(1))
     return Q[::-1], V
 
 
-def optimal_frontier(language, prompts, betas):
+def chain_frontier(language, prompts, betas):
     "Exact (KL(π*_β ‖ P), E[r] under π*_β) per β, averaged over `prompts` (token ids)."
     last = np.asarray(prompts)[:, -1] - language.offset
     out = []
     for beta in betas:
-        Q, log_z = optimal_policy(language, beta)
-        d = np.eye(len(language.words))[last]                        # distribution of y_{t-1}
+        Q, log_z = tilted_chain(language, beta)
+        d = np.eye(len(language.words))[last]  # distribution of y_{t-1}
         er = np.zeros(len(last))
         for q in Q:
-            d = d @ q; er += d @ language.scores
+            d = d @ q
+            er += d @ language.scores
         out.append(((er / beta - log_z[last]).mean(), er.mean()))
     return np.array(out)
 
-# %% ../nbs/08_tiny_lm.ipynb #99ba4a2e
+# %% ../nbs/08_tiny_lm.ipynb #31439827
 @dataclass
 class TinyLMConfig:
     "Sizes of a `TinyLM`; the defaults give about 27k parameters."
+
     vocab_size: int = 26
     d_model: int = 32
     n_layers: int = 2
@@ -162,11 +204,13 @@ class TinyLMConfig:
                 raise ValueError(f"{k}: expected a positive integer, got {v!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads: {self.n_heads} does not divide d_model={self.d_model}")
-        if not 0.0 <= self.dropout < 1.0: raise ValueError(f"dropout: expected 0 <= dropout < 1, got {self.dropout}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: expected 0 <= dropout < 1, got {self.dropout}")
 
 
 class TinyBlock(nn.Module):
     "Pre-LN transformer block: h + attn(LN(h)), then h + MLP(LN(h))."
+
     def __init__(self, config):
         super().__init__()
         d = config.d_model
@@ -178,14 +222,41 @@ class TinyBlock(nn.Module):
 
     def forward(self, h, mask=None):
         B, T, D = h.shape
-        q, k, v = self.qkv(self.ln1(h)).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            self.qkv(self.ln1(h))
+            .view(B, T, 3, self.n_heads, D // self.n_heads)
+            .permute(2, 0, 3, 1, 4)
+        )
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         h = h + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, D)))
         return h + self.drop(self.mlp(self.ln2(h)))
 
+# %% ../nbs/08_tiny_lm.ipynb #bb270ca2
+class _SavesConfigAndWeights:
+    "`save_pretrained` / `from_pretrained` for a module with a dataclass `config`."
 
-class TinyLM(nn.Module):
-    "A small pre-LN causal transformer with learned positions and tied embeddings: ids -> logits [B, T, V]."
+    def save_pretrained(self, path):
+        "Write `config.json` and `model.pt` (the state dict) into the directory `path`."
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(asdict(self.config), f, indent=2)
+        torch.save(self.state_dict(), os.path.join(path, "model.pt"))
+
+    @classmethod
+    def from_pretrained(cls, path, map_location="cpu"):
+        "The model saved by `save_pretrained(path)`."
+        with open(os.path.join(path, "config.json")) as f:
+            config = TinyLMConfig(**json.load(f))
+        model = cls(config)
+        weights = torch.load(os.path.join(path, "model.pt"), map_location=map_location,
+                             weights_only=True)
+        model.load_state_dict(weights)
+        return model
+
+# %% ../nbs/08_tiny_lm.ipynb #109b2bb1
+class TinyLM(_SavesConfigAndWeights, nn.Module):
+    "A small pre-LN causal transformer (learned positions, tied embeddings): ids -> logits."
+
     def __init__(self, config: TinyLMConfig):
         super().__init__()
         self.config = config
@@ -197,104 +268,122 @@ class TinyLM(nn.Module):
 
     @staticmethod
     def _init_weights(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)): nn.init.normal_(m.weight, 0.0, 0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None: nn.init.zeros_(m.bias)
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
     @classmethod
     def from_config(cls, config: TinyLMConfig | None = None, **kwargs):
         "A randomly initialised model from a `TinyLMConfig`, or from its fields as keywords."
-        if config is not None and kwargs: raise TypeError("from_config: pass a config or keywords, not both")
+        if config is not None and kwargs:
+            raise TypeError("from_config: pass a config or keywords, not both")
         return cls(config if config is not None else TinyLMConfig(**kwargs))
 
-    def get_input_embeddings(self): return self.tok
-    def get_output_embeddings(self): return self.tok
+    def get_input_embeddings(self):
+        return self.tok
+
+    def get_output_embeddings(self):
+        return self.tok
 
     def forward(self, input_ids, attention_mask=None):
         B, T = input_ids.shape
         if T > self.config.max_len:
-            raise ValueError(f"input_ids: length {T} exceeds the model's max_len={self.config.max_len}")
+            raise ValueError(
+                f"input_ids: length {T} exceeds the model's max_len={self.config.max_len}"
+            )
         am = None if attention_mask is None else attention_mask.bool()
         if am is None or bool((am[:, 1:] <= am[:, :-1]).all() & am[:, 0].all()):
-            pos, mask = torch.arange(T, device=input_ids.device), None     # no left padding: causal mask suffices
+            # no left padding: causal mask suffices
+            pos, mask = torch.arange(T, device=input_ids.device), None
         else:
             pos = (am.long().cumsum(-1) - 1).clamp(min=0)
             causal = torch.ones(T, T, dtype=torch.bool, device=am.device).tril()
-            eye = torch.eye(T, dtype=torch.bool, device=am.device)          # a padded query still sees itself
+            # a padded query still sees itself
+            eye = torch.eye(T, dtype=torch.bool, device=am.device)
             mask = (causal & am[:, None, None, :]) | eye
         h = self.tok(input_ids) + self.pos(pos)
-        for block in self.blocks: h = block(h, mask)
+        for block in self.blocks:
+            h = block(h, mask)
         return self.ln_f(h) @ self.tok.weight.T
 
-    def save_pretrained(self, path):
-        "Write `config.json` and `model.pt` (the state dict) into the directory `path`."
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "config.json"), "w") as f: json.dump(asdict(self.config), f, indent=2)
-        torch.save(self.state_dict(), os.path.join(path, "model.pt"))
-
-    @classmethod
-    def from_pretrained(cls, path, map_location="cpu"):
-        "The model saved by `save_pretrained(path)`."
-        with open(os.path.join(path, "config.json")) as f: config = TinyLMConfig(**json.load(f))
-        model = cls(config)
-        model.load_state_dict(torch.load(os.path.join(path, "model.pt"), map_location=map_location, weights_only=True))
-        return model
-
-# %% ../nbs/08_tiny_lm.ipynb #0de06ecd
+# %% ../nbs/08_tiny_lm.ipynb #b5f63df9
 def _device(model):
-    return next(model.parameters()).device
+    "The device of a model's first parameter (or buffer); the CPU for a model with neither."
+    t = next(iter([*model.parameters(), *model.buffers()]), None)
+    return torch.device("cpu") if t is None else t.device
+
+# %% ../nbs/08_tiny_lm.ipynb #8f01dc06
+def _left_pad(prompts, pad_token_id):
+    "Left-padded ids and attention mask of a list of id lists."
+    B, P = len(prompts), max(map(len, prompts))
+    ids = torch.full((B, P), pad_token_id, dtype=torch.long)
+    am = torch.zeros((B, P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p) :] = torch.tensor(p)
+        am[i, P - len(p) :] = 1
+    return ids, am
 
 
+def _sample_next(logits, temperature, top_k, gen):
+    "One token per row: greedy at temperature 0, else sampled from the (top-k) softmax."
+    if temperature == 0:
+        return logits.argmax(-1)
+    z = logits / temperature
+    if top_k is not None:
+        z = z.masked_fill(z < z.topk(min(top_k, z.shape[-1]), -1).values[:, -1:], float("-inf"))
+    return torch.multinomial(z.softmax(-1), 1, generator=gen).squeeze(-1)
+
+# %% ../nbs/08_tiny_lm.ipynb #5c00ca79
 @torch.no_grad()
 def generate(model, prompts_ids, max_new_tokens, temperature=1.0, top_k=None, batch_size=256,
              eos_token_id=None, pad_token_id=0, seed=0, return_logps=False):
-    "Sample up to `max_new_tokens` ids per prompt; returns the new ids (and per-token log π) per prompt."
-    if max_new_tokens < 1: raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
-    if temperature < 0: raise ValueError(f"temperature: expected >= 0, got {temperature}")
-    if top_k is not None and top_k < 1: raise ValueError(f"top_k: expected None or >= 1, got {top_k}")
+    "Sample up to `max_new_tokens` ids per prompt: the new ids (and per-token log π) per prompt."
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature: expected >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k: expected None or >= 1, got {top_k}")
     prompts = [[int(t) for t in p] for p in prompts_ids]
-    if any(len(p) == 0 for p in prompts): raise ValueError("prompts_ids: every prompt needs at least one token")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts_ids: every prompt needs at least one token")
     was_training, dev = model.training, _device(model)
     model.eval()
     gen = torch.Generator(device=dev).manual_seed(seed)
     out_ids, out_logps = [], []
     for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s:s + batch_size]
-        B, P = len(chunk), max(map(len, chunk))
-        ids = torch.full((B, P), pad_token_id, dtype=torch.long)
-        am = torch.zeros((B, P), dtype=torch.long)
-        for i, p in enumerate(chunk):
-            ids[i, P - len(p):] = torch.tensor(p); am[i, P - len(p):] = 1
-        ids, am = ids.to(dev), am.to(dev)
+        ids, am = (t.to(dev) for t in _left_pad(prompts[s : s + batch_size], pad_token_id))
+        B = len(ids)
         new = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=dev)
         logps = torch.zeros((B, max_new_tokens), device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         n_new = torch.zeros(B, dtype=torch.long, device=dev)
         for t in range(max_new_tokens):
             logits = model(ids, attention_mask=am)[:, -1].float()
-            if temperature == 0:
-                nxt = logits.argmax(-1)
-            else:
-                z = logits / temperature
-                if top_k is not None:
-                    z = z.masked_fill(z < z.topk(min(top_k, z.shape[-1]), -1).values[:, -1:], float("-inf"))
-                nxt = torch.multinomial(z.softmax(-1), 1, generator=gen).squeeze(-1)
+            nxt = _sample_next(logits, temperature, top_k, gen)
             live = ~done
             n_new += live.long()
             nxt = torch.where(live, nxt, pad_token_id)
             new[:, t] = nxt
-            logps[:, t] = torch.where(live, logits.log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1), 0.0)
-            if eos_token_id is not None: done = done | (nxt == eos_token_id)
+            logps[:, t] = torch.where(
+                live, logits.log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1), 0.0
+            )
+            if eos_token_id is not None:
+                done = done | (nxt == eos_token_id)
             ids, am = torch.cat([ids, nxt[:, None]], 1), torch.cat([am, live.long()[:, None]], 1)
-            if bool(done.all()): break
+            if bool(done.all()):
+                break
         for i in range(B):
             k = int(n_new[i])
-            out_ids.append(new[i, :k].tolist()); out_logps.append(logps[i, :k].cpu())
+            out_ids.append(new[i, :k].tolist())
+            out_logps.append(logps[i, :k].cpu())
     model.train(was_training)
     return (out_ids, out_logps) if return_logps else out_ids
 
-
+# %% ../nbs/08_tiny_lm.ipynb #fc972088
 def pack_completions(prompts, completions, pad_token_id=0):
-    "Right-padded `input_ids`, `attention_mask`, `completion_mask` for (prompt, completion) pairs of id lists."
+    "Right-padded `input_ids`, `attention_mask`, `completion_mask` of (prompt, completion) ids."
     rows = [([int(t) for t in p], [int(t) for t in c]) for p, c in zip(prompts, completions)]
     if len(rows) != len(prompts) or len(rows) != len(completions):
         raise ValueError(f"completions: {len(completions)} completions for {len(prompts)} prompts")
@@ -303,8 +392,9 @@ def pack_completions(prompts, completions, pad_token_id=0):
     am = torch.zeros((len(rows), T), dtype=torch.long)
     cm = torch.zeros((len(rows), T), dtype=torch.bool)
     for i, (p, c) in enumerate(rows):
-        ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-        am[i, :len(p) + len(c)] = 1; cm[i, len(p):len(p) + len(c)] = True
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        am[i, : len(p) + len(c)] = 1
+        cm[i, len(p) : len(p) + len(c)] = True
     return ids, am, cm
 
 
@@ -314,51 +404,176 @@ def completion_logps(model, prompts, completions, batch_size=1024, pad_token_id=
     was_training, dev, out = model.training, _device(model), []
     model.eval()
     for s in range(0, len(prompts), batch_size):
-        ids, am, cm = (t.to(dev) for t in pack_completions(prompts[s:s + batch_size], completions[s:s + batch_size], pad_token_id))
+        ids, am, cm = (
+            t.to(dev)
+            for t in pack_completions(
+                prompts[s : s + batch_size], completions[s : s + batch_size], pad_token_id
+            )
+        )
         out.append(sequence_logps(model(ids, attention_mask=am), ids, cm).cpu())
     model.train(was_training)
     return torch.cat(out)
 
-# %% ../nbs/08_tiny_lm.ipynb #ea538dd2
-def sft_train(model, prompts, completions, steps=400, batch_size=64, lr=3e-3, weight_decay=0.0,
-              warmup_steps=20, seed=0, pad_token_id=0):
-    "Minimise the completion cross-entropy (eq. toy-sft) for `steps` minibatches; returns the per-step losses."
-    if steps < 1: raise ValueError(f"steps: expected >= 1, got {steps}")
-    if lr <= 0: raise ValueError(f"lr: expected > 0, got {lr}")
+# %% ../nbs/08_tiny_lm.ipynb #cc2112c9
+def sft_train(
+    model,
+    prompts,
+    completions,
+    steps=400,
+    batch_size=64,
+    lr=3e-3,
+    weight_decay=0.0,
+    warmup_steps=20,
+    seed=0,
+    pad_token_id=0,
+):
+    "Minimise the completion cross-entropy for `steps` minibatches; returns the per-step losses."
+    if steps < 1:
+        raise ValueError(f"steps: expected >= 1, got {steps}")
+    if lr <= 0:
+        raise ValueError(f"lr: expected > 0, got {lr}")
     ids_all, am_all, cm_all = pack_completions(prompts, completions, pad_token_id)
     dev, gen = _device(model), torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)) * (1 - s / steps))
-    model.train(); losses = []
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)) * (1 - s / steps)
+    )
+    model.train()
+    losses = []
     for _ in range(steps):
         idx = torch.randint(len(ids_all), (batch_size,), generator=gen)
         ids, am, cm = ids_all[idx].to(dev), am_all[idx].to(dev), cm_all[idx].to(dev)
         logps, counts = sequence_logps(model(ids, attention_mask=am), ids, cm, return_counts=True)
         loss = -logps.sum() / counts.sum()
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
         losses.append(loss.item())
     model.eval()
     return losses
 
-# %% ../nbs/08_tiny_lm.ipynb #f7f0f366
+# %% ../nbs/08_tiny_lm.ipynb #a524f67c
+def _tilted_paths(language, Q, last, samples, rng):
+    "`samples` word paths per prompt from the tilted chain `Q`, and log Q of each path's prefixes."
+    u = np.repeat(last, samples)
+    words, logq = [], [np.zeros(len(u))]
+    for q in Q:
+        nxt = (rng.random(len(u))[:, None] > np.cumsum(q[u], 1)).sum(1).clip(max=len(q) - 1)
+        logq.append(logq[-1] + np.log(q[u, nxt])); words.append(nxt); u = nxt
+    return np.stack(words, 1), np.stack(logq, 1)
+
+
+@torch.no_grad()
+def _next_token_logps(model, ids, batch_size):
+    "log π(· | prefix) after every prefix of `ids` [n, T], as float64 [n, T, V]."
+    was_training, dev = model.training, _device(model)
+    model.eval()
+    out = [model(ids[s:s + batch_size].to(dev)).double().log_softmax(-1).cpu()
+           for s in range(0, len(ids), batch_size)]
+    model.train(was_training)
+    return torch.cat(out)
+
+# %% ../nbs/08_tiny_lm.ipynb #fe67f05b
+def reference_partition(ref_model, language, prompts, beta, samples=16, seed=0, batch_size=4096):
+    "Per prompt: log Z(x) and E[r] under π*_β ∝ π_ref·exp(r/β), by eq. (toy-ref-partition)."
+    if beta <= 0:
+        raise ValueError(f"beta: expected > 0, got {beta}")
+    tk, L, o = language.tokenizer, language.completion_len, language.offset
+    prompts = np.asarray(prompts)
+    n_x, eos, s_tok = len(prompts), tk.eos_token_id, language.token_scores().numpy()
+    go = np.arange(len(s_tok)) != eos  # tokens that continue
+    Q, _ = tilted_chain(language, beta)
+    words, logq = _tilted_paths(
+        language, Q, prompts[:, -1] - o, samples, np.random.default_rng(seed)
+    )
+    ids = torch.from_numpy(np.concatenate([np.repeat(prompts, samples, 0), words + o], 1))
+    lp = _next_token_logps(ref_model, ids, batch_size)[:, prompts.shape[1] - 1 :].numpy()
+    rows = np.arange(len(ids))[:, None]
+    logp = np.concatenate(
+        [np.zeros((len(ids), 1)), np.cumsum(lp[rows, np.arange(L), words + o], 1)], 1
+    )  # log π_ref(y_1:t)
+    r = np.concatenate([np.zeros((len(ids), 1)), np.cumsum(language.scores[words], 1)], 1)
+    log_w = logp - logq  # [n, L + 1]
+    log_terms = np.concatenate(
+        [
+            log_w + lp[:, :, eos] + r / beta,  # stop after t words
+            log_w[:, L:] + lp[:, L][:, go] + (r[:, L:] + s_tok[go]) / beta,
+        ],
+        1,
+    )
+    rewards = np.concatenate([r, r[:, L:] + s_tok[go]], 1)
+    m = log_terms.max(1, keepdims=True)
+    w = np.exp(log_terms - m)
+    m = m.reshape(n_x, samples)
+    m_x = m.max(1, keepdims=True)
+    scale = np.exp(m - m_x)
+    z = (w.sum(1).reshape(n_x, samples) * scale).mean(1)
+    zr = ((w * rewards).sum(1).reshape(n_x, samples) * scale).mean(1)
+    return np.log(z) + m_x[:, 0], zr / z
+
+
+def reference_frontier(ref_model, language, prompts, betas, samples=16, seed=0):
+    "(KL(π*_β ‖ π_ref), E[r] under π*_β) per β, averaged over `prompts`, for any model π_ref."
+    out = []
+    for i, beta in enumerate(betas):
+        log_z, er = reference_partition(ref_model, language, prompts, beta, samples, seed + i)
+        out.append(((er / beta - log_z).mean(), er.mean()))
+    return np.array(out)
+
+# %% ../nbs/08_tiny_lm.ipynb #11790da4
+class ChainLM(nn.Module):
+    "The chain P of `language` as a causal LM: word transitions, then the end token after L words."
+
+    def __init__(self, language):
+        super().__init__()
+        self.language = language
+        self.register_buffer("log_p", torch.from_numpy(np.log(language.P)))
+
+    def forward(self, input_ids, attention_mask=None):
+        lg = self.language
+        first, end, o = lg.prompt_len - 1, lg.prompt_len - 1 + lg.completion_len, lg.offset
+        out = torch.full((*input_ids.shape, lg.tokenizer.vocab_size), float("-inf"),
+                         dtype=torch.float64, device=input_ids.device)
+        out[:, :first, o:] = 0.0                                       # inside the prompt: uniform
+        words = (input_ids - o).clamp(0, len(lg.words) - 1)
+        for pos in range(first, min(end, input_ids.shape[1])):
+            out[:, pos, o:] = self.log_p[words[:, pos]]
+        if end < input_ids.shape[1]: out[:, end, lg.tokenizer.eos_token_id] = 0.0
+        return out
+
+# %% ../nbs/08_tiny_lm.ipynb #75ab14ae
 def policy_stats(policy, ref_model, language, prompts, seed=0, max_new_tokens=None, batch_size=512):
-    "Sample one completion per prompt from `policy`: mean reward, KL(π‖π_ref) estimate, their standard errors, mean words."
+    "One sample per prompt from `policy`: mean reward and KL(π‖π_ref) ± s.e., mean words."
     tk = language.tokenizer
     max_new_tokens = max_new_tokens or language.completion_len + 1
     prompts = [[int(t) for t in p] for p in prompts]
-    ys = generate(policy, prompts, max_new_tokens, batch_size=batch_size, eos_token_id=tk.eos_token_id,
-                  pad_token_id=tk.pad_token_id, seed=seed)
+    ys = generate(
+        policy,
+        prompts,
+        max_new_tokens,
+        batch_size=batch_size,
+        eos_token_id=tk.eos_token_id,
+        pad_token_id=tk.pad_token_id,
+        seed=seed,
+    )
     d = (completion_logps(policy, prompts, ys) - completion_logps(ref_model, prompts, ys)).double()
     r = language.reward(ys)
     words = np.mean([sum(t >= language.offset for t in c) for c in ys])
     n = len(prompts)
-    return dict(kl=d.mean().item(), kl_se=d.std().item() / math.sqrt(n), reward=r.mean().item(),
-                reward_se=r.std().item() / math.sqrt(n), words=float(words), samples=ys)
+    return dict(
+        kl=d.mean().item(),
+        kl_se=d.std().item() / math.sqrt(n),
+        reward=r.mean().item(),
+        reward_se=r.std().item() / math.sqrt(n),
+        words=float(words),
+        samples=ys,
+    )
 
-# %% ../nbs/08_tiny_lm.ipynb #5d7dc8eb
+# %% ../nbs/08_tiny_lm.ipynb #0e7609d9
 def preference_pairs(ref_model, language, n_pairs, seed=0, max_new_tokens=None):
-    "Two π_ref samples per prompt, labelled by Bradley-Terry on the true reward: a list of pair dicts."
+    "Two π_ref samples per prompt, labelled by Bradley-Terry on the true reward: pair dicts."
     tk = language.tokenizer
     max_new_tokens = max_new_tokens or language.completion_len + 1
     prompts, _ = language.sample(n_pairs, seed=seed)
@@ -371,32 +586,57 @@ def preference_pairs(ref_model, language, n_pairs, seed=0, max_new_tokens=None):
     u = torch.rand(n_pairs, generator=gen, dtype=torch.float64).tolist()
     pairs = []
     for p, a, b, ra, rb, ui in zip(prompts, y1, y2, r1, r2, u):
-        if ui >= 1 / (1 + math.exp(rb - ra)): a, b, ra, rb = b, a, rb, ra     # y1 wins with probability σ(r1 − r2)
-        pairs.append(dict(prompt_ids=p, chosen_ids=a, rejected_ids=b, chosen_reward=ra, rejected_reward=rb,
-                          prompt=tk.decode(p), chosen=tk.decode(a), rejected=tk.decode(b)))
+        # y1 wins with probability σ(r1 − r2)
+        if ui >= 1 / (1 + math.exp(rb - ra)):
+            a, b, ra, rb = b, a, rb, ra
+        pairs.append(
+            dict(
+                prompt_ids=p,
+                chosen_ids=a,
+                rejected_ids=b,
+                chosen_reward=ra,
+                rejected_reward=rb,
+                prompt=tk.decode(p),
+                chosen=tk.decode(a),
+                rejected=tk.decode(b),
+            )
+        )
     return pairs
 
-# %% ../nbs/08_tiny_lm.ipynb #39056c2f
+# %% ../nbs/08_tiny_lm.ipynb #99ab9a1a
 def bon_kl_bound(n):
     "log N − (N−1)/N: the KL(π_N ‖ π_ref) of best-of-N for a reward without ties (eq. toy-bon-kl)."
     n = np.asarray(n, dtype=np.float64)
-    if (n < 1).any(): raise ValueError(f"n: expected N >= 1, got {n}")
+    if (n < 1).any():
+        raise ValueError(f"n: expected N >= 1, got {n}")
     return np.log(n) - (n - 1) / n
 
 
 def best_of_n(ref_model, language, prompts, ns=(1, 2, 4, 8, 16), pool=64, seed=0, batch_size=1024):
-    "Expected reward and KL(π_N ‖ π_ref) of best-of-N, from `pool` π_ref samples per prompt; arrays over `ns`."
-    if pool < max(ns): raise ValueError(f"pool: {pool} samples cannot support N up to {max(ns)}")
+    "Expected reward and KL(π_N ‖ π_ref) of best-of-N from `pool` π_ref samples per prompt, per N."
+    if pool < max(ns):
+        raise ValueError(f"pool: {pool} samples cannot support N up to {max(ns)}")
     tk = language.tokenizer
     prompts = [[int(t) for t in p] for p in prompts]
-    ys = generate(ref_model, [p for p in prompts for _ in range(pool)], language.completion_len + 1,
-                  batch_size=batch_size, eos_token_id=tk.eos_token_id, pad_token_id=tk.pad_token_id, seed=seed)
+    ys = generate(
+        ref_model,
+        [p for p in prompts for _ in range(pool)],
+        language.completion_len + 1,
+        batch_size=batch_size,
+        eos_token_id=tk.eos_token_id,
+        pad_token_id=tk.pad_token_id,
+        seed=seed,
+    )
     R = language.reward(ys).numpy().reshape(len(prompts), pool)
     kl, reward = np.zeros((len(ns), len(prompts))), np.zeros((len(ns), len(prompts)))
     for j, row in enumerate(R):
-        v, c = np.unique(np.round(row, 9), return_counts=True)           # reward levels and their counts
-        p = c / pool; F_k = np.cumsum(p); F_prev = F_k - p
+        # reward levels and their counts
+        v, c = np.unique(np.round(row, 9), return_counts=True)
+        p = c / pool
+        F_k = np.cumsum(p)
+        F_prev = F_k - p
         for i, n in enumerate(ns):
-            q = F_k ** n - F_prev ** n
-            kl[i, j] = (q * np.log(np.where(q > 0, q / p, 1.0))).sum(); reward[i, j] = (q * v).sum()
+            q = F_k**n - F_prev**n
+            kl[i, j] = (q * np.log(np.where(q > 0, q / p, 1.0))).sum()
+            reward[i, j] = (q * v).sum()
     return dict(n=np.array(ns), kl=kl.mean(1), reward=reward.mean(1), bound=bon_kl_bound(ns))

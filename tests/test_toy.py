@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from dpo_lit.toy import (MarkovLanguage, TinyLM, TinyLMConfig, WordTokenizer, best_of_n, bon_kl_bound,
-                         completion_logps, generate, optimal_frontier, pack_completions, sft_train)
+from dpo_lit.toy import (ChainLM, MarkovLanguage, TinyLM, TinyLMConfig, WordTokenizer, best_of_n,
+                         bon_kl_bound, chain_frontier, completion_logps, generate, pack_completions,
+                         reference_partition, sft_train, tilted_chain)
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +97,12 @@ def test_sft_validates_and_reduces_loss(lang):
 
 def test_frontier_limits(lang):
     x, _ = lang.sample(64, seed=0)
-    far = optimal_frontier(lang, x, [1e6])[0]
+    far = chain_frontier(lang, x, [1e6])[0]
     assert abs(far[0]) < 1e-6                      # β → ∞: π* = P
-    near = optimal_frontier(lang, x, [1e-3])[0]
+    near = chain_frontier(lang, x, [1e-3])[0]
     assert near[1] == pytest.approx(lang.completion_len * lang.scores.max(), abs=1e-3)  # β → 0: the best words
     with pytest.raises(ValueError, match="beta"):
-        optimal_frontier(lang, x, [0.0])
+        chain_frontier(lang, x, [0.0])
 
 
 def test_bon_bound_and_validation(lang, model):
@@ -132,3 +133,82 @@ def test_generate_temperature_and_top_k_sample_the_right_distribution(lang):
         assert (freq[expected == 0] == 0).all()                      # nothing outside the top k
         assert (freq - expected).abs().max() < 5 * (0.25 / n) ** 0.5, (temperature, top_k)
         assert (logits.softmax(-1) - expected).abs().max() > 0.05      # T = 1 and no top-k would be detected
+
+
+def _brute_force_partition(model, lang, prompt, beta):
+    "log Z and E[r] under π* ∝ π_ref·exp(r/β) by listing every completion within L + 1 tokens."
+    import itertools
+    L, o, eos = lang.completion_len, lang.offset, lang.tokenizer.eos_token_id
+    V = lang.tokenizer.vocab_size
+    words = range(o, V)
+    comps = [list(w) + [eos] for t in range(L + 1) for w in itertools.product(words, repeat=t)]
+    comps += [list(w) + [v] for w in itertools.product(words, repeat=L) for v in range(V) if v != eos]
+    lp = completion_logps(model, [prompt] * len(comps), comps).double()
+    r = lang.reward(comps)
+    logw = lp + r / beta
+    log_z = torch.logsumexp(logw, 0)
+    return log_z.item(), (torch.exp(logw - log_z) * r).sum().item()
+
+
+class _PerturbedChain(torch.nn.Module):
+    "The chain, with every token possible at every step and a tilt that depends on the whole prefix."
+
+    def __init__(self, lang):
+        super().__init__()
+        self.chain = ChainLM(lang)
+
+    def forward(self, input_ids, attention_mask=None):
+        base = self.chain(input_ids).clamp(min=-4.0)              # eos / pad / off-chain words: small
+        history = input_ids.cumsum(1).double()[..., None]          # depends on every earlier token
+        v = torch.arange(base.shape[-1], dtype=torch.float64)
+        return base + 0.4 * torch.sin(0.7 * history * (v + 1))
+
+
+@pytest.mark.parametrize("beta", [0.5, 2.0])
+def test_reference_partition_is_exact_in_expectation(beta, monkeypatch):
+    """Eq. (toy-ref-partition) is an identity: averaged over EVERY path, each weighted by its proposal
+    probability, the estimator equals the sum over every completion, for a non-Markov reference."""
+    import itertools
+    import dpo_lit.toy as toy
+    lang = MarkovLanguage(completion_len=2, seed=3)
+    model, K = _PerturbedChain(lang), len(lang.words)
+    paths = np.array(list(itertools.product(range(K), repeat=lang.completion_len)))
+
+    def every_path(language, Q, last, samples, rng):
+        u = np.repeat(last, len(paths))
+        words = np.tile(paths, (len(last), 1))
+        logq, prev = [np.zeros(len(u))], u
+        for t, q in enumerate(Q):
+            logq.append(logq[-1] + np.log(q[prev, words[:, t]]))
+            prev = words[:, t]
+        logq = np.stack(logq, 1)
+        # the estimator averages uniformly over its "samples": weigh each path by n * Q(path)
+        return words, logq - logq[:, -1:] - np.log(len(paths))
+
+    monkeypatch.setattr(toy, "_tilted_paths", every_path)
+    prompts, _ = lang.sample(3, seed=5)
+    log_z, er = toy.reference_partition(model, lang, prompts, beta, samples=len(paths))
+    for i, p in enumerate(prompts.tolist()):
+        lz, e = _brute_force_partition(model, lang, p, beta)
+        # completion_logps sums in float32: agreement to float32 rounding of the sums
+        assert log_z[i] == pytest.approx(lz, abs=1e-6) and er[i] == pytest.approx(e, abs=1e-6)
+
+
+def test_reference_partition_by_sampling(lang):
+    "The sampled estimate converges to the listed sum (sampling error of 40,000 paths)."
+    lang = MarkovLanguage(completion_len=2, seed=3)
+    model = _PerturbedChain(lang)
+    prompts, _ = lang.sample(3, seed=5)
+    log_z, er = reference_partition(model, lang, prompts, 0.5, samples=40_000, seed=6)
+    for i, p in enumerate(prompts.tolist()):
+        lz, e = _brute_force_partition(model, lang, p, 0.5)
+        assert log_z[i] == pytest.approx(lz, abs=0.02) and er[i] == pytest.approx(e, abs=0.03)
+
+
+def test_chain_as_model_gives_the_exact_partition(lang):
+    x, _ = lang.sample(32, seed=8)
+    log_z, _ = reference_partition(ChainLM(lang), lang, x, 0.4, samples=4, seed=0)
+    exact = tilted_chain(lang, 0.4)[1][x[:, -1].numpy() - lang.offset]
+    assert np.abs(log_z - exact).max() < 1e-9
+    with pytest.raises(ValueError, match="beta"):
+        reference_partition(ChainLM(lang), lang, x, 0.0)
