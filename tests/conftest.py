@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import configparser
 import os
-import random
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -94,13 +93,6 @@ def toc():
 
 
 def ragged_pairs(n, seed=0):
-    "Ragged pairs: after 'V:' vowels beat digits, after 'D:' the reverse."
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        kind = rng.choice("VD")
-        v = "".join(rng.choice("aeiou") for _ in range(rng.randint(1, 12)))
-        d = "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 12)))
-        out.append(dict(prompt="x" * rng.randint(0, 9) + kind + ":", chosen=v if kind == "V" else d,
-                        rejected=d if kind == "V" else v))
-    return out
+    "Ragged pairs: after 'V:' vowels beat digits, after 'D:' the reverse (the chapters' task)."
+    from dpo_lit.train import preference_task
+    return preference_task(n, seed)

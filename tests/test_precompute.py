@@ -47,7 +47,9 @@ def test_same_losses_as_live_reference(tmp_path, group_by_length):
     assert len(live) == len(pre) == 3 * 4          # 3 epochs of 4 windows: reshuffled each epoch
     for a, b in zip(live, pre):
         for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "nll_loss", "eval_loss"):
-            if k in a: assert abs(a[k] - b[k]) <= 1e-6, (a["step"], k, a[k], b[k])
+            # two code paths (batch shapes differ): float32 rounding, relative to the value
+            if k in a:
+                assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (a["step"], k, a[k], b[k])
     assert t.ref_model is None and t.ref_released
 
 
@@ -59,19 +61,22 @@ def test_given_reference_is_released_and_used(tmp_path):
     assert t.ref_model is None
     pre = t.train()
     assert len(live) == len(pre) > 0
-    assert all(abs(a["loss"] - b["loss"]) <= 1e-6 for a, b in zip(live, pre))
+    assert all(abs(a["loss"] - b["loss"]) <= 1e-5 for a, b in zip(live, pre))
     assert abs(live[0]["loss"] - 0.693147) > 1e-3          # a real reference, not the policy
     with pytest.raises(ValueError, match="released the reference"):
         t.evaluate(pairs(3, seed=5))
 
 
 def count_passes(monkeypatch):
+    "Count the passes over a data set that compute reference log-probs (any reference source)."
+    import dpo_lit.scale as scale_mod
     calls = []
-    real = train_mod.precompute_reference_logps
+    real = scale_mod.precompute_reference_logps
     def counting(*a, **k):
         calls.append(1)
         return real(*a, **k)
-    monkeypatch.setattr(train_mod, "precompute_reference_logps", counting)
+    for mod in (train_mod, scale_mod):
+        monkeypatch.setattr(mod, "precompute_reference_logps", counting)
     return calls
 
 
@@ -125,7 +130,8 @@ def test_damaged_cache_is_recomputed(tmp_path, monkeypatch):
         warnings.simplefilter("always")
         t2 = DPOTrainer(model(), train_dataset=TRAIN, config=cfg)
     assert len(calls) == 1 and any("unreadable" in str(x.message) for x in w)
-    assert [e["ref_chosen_logps"] for e in t1.train_examples] == [e["ref_chosen_logps"] for e in t2.train_examples]
+    assert torch.equal(t1.reference.table["chosen_logps"], t2.reference.table["chosen_logps"])
+    assert all("ref_chosen_logps" not in e for e in t1.train_examples)   # the caller's data as given
 
 
 def test_config_fields_are_validated():
@@ -149,26 +155,28 @@ def test_peft_policy_is_its_own_reference(tmp_path, monkeypatch, precompute):
     untouched = copy.deepcopy(base).eval()
     policy = add_lora(base, r=4, alpha=8, target_modules=["c_attn"])
     ptrs, n = {p.data_ptr() for p in policy.parameters()}, sum(p.numel() for p in policy.parameters())
-    real = DPOTrainer._make_reference
-    def no_copy(self, m, ref):
-        assert ref is not None, "the reference of a peft policy must not be a copy"
-        return real(self, m, ref)
-    monkeypatch.setattr(DPOTrainer, "_make_reference", no_copy)
+    real_deepcopy = train_mod.copy.deepcopy
+    def no_model_copy(x, *a, **k):
+        assert not isinstance(x, torch.nn.Module), "a peft policy's reference must not be a copy"
+        return real_deepcopy(x, *a, **k)
+    monkeypatch.setattr(train_mod.copy, "deepcopy", no_model_copy)
     cfg = dataclasses.replace(CFG, num_epochs=1, rpo_alpha=0.0, precompute_ref=precompute, output_dir=str(tmp_path))
     t = DPOTrainer(policy, train_dataset=TRAIN, eval_dataset=EVAL, config=cfg)
+    monkeypatch.undo()
     assert t.ref_kind == "adapters off" and t.ref_model is None
     h = t.train()
     assert abs(h[0]["loss"] - 0.693147) < 1e-5
     assert {p.data_ptr() for p in t.model.parameters()} == ptrs and sum(p.numel() for p in t.model.parameters()) == n
     assert any(p.abs().sum() > 0 for name, p in policy.named_parameters() if "lora_B" in name)
-    b = t._collate([{k: e[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for e in t.eval_examples])
+    b = t._batch(examples=t.eval_examples)      # no indices: a live pass, not the table
     from dpo_lit.logprobs import concatenated_forward
     with torch.no_grad():
         want = concatenated_forward(untouched, b)
-    got = t.reference_logps(b)        # a live pass with the adapters off, after training
-    assert torch.allclose(got["chosen_logps"], want["chosen_logps"], atol=1e-5)
-    assert torch.allclose(got["rejected_logps"], want["rejected_logps"], atol=1e-5)
-    assert t.evaluate(EVAL)["loss"] == pytest.approx(t.evaluate()["loss"], abs=1e-6)
+    got = t.reference.logps(b)        # a live pass with the adapters off, after training
+    # two code paths (peft's disabled adapters, the plain model): equal up to float32 rounding
+    torch.testing.assert_close(got["chosen_logps"], want["chosen_logps"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["rejected_logps"], want["rejected_logps"], rtol=1e-5, atol=1e-5)
+    assert t.evaluate(EVAL)["loss"] == pytest.approx(t.evaluate()["loss"], abs=1e-5)
 
 
 def test_adapters_disabled_needs_peft_model():

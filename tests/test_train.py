@@ -12,8 +12,8 @@ from torch import nn
 
 import dpo_lit.train as train_mod
 from dpo_lit.data import ByteTokenizer
-from dpo_lit.train import (DPOConfig, DPOTrainer, NonFiniteError, list_checkpoints, lr_factor,
-                           plan_epoch, resolve_precision)
+from dpo_lit.train import (DPOConfig, DPOTrainer, NonFiniteError, TinyGRU, list_checkpoints,
+                           lr_factor, plan_epoch, resolve_precision, tiny_gru)
 from conftest import need, ragged_pairs as pairs
 
 
@@ -26,23 +26,8 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-class TinyLM(nn.Module):
-    "Byte-level GRU language model with a tied output layer and optional dropout."
-    def __init__(self, vocab_size=258, d=16, dropout=0.0):
-        super().__init__()
-        self.emb = nn.Embedding(vocab_size, d)
-        self.drop = nn.Dropout(dropout)
-        self.gru = nn.GRU(d, d, batch_first=True)
-        self.bias = nn.Parameter(torch.zeros(vocab_size))
-
-    def forward(self, input_ids, attention_mask=None):
-        h, _ = self.gru(self.drop(self.emb(input_ids)))
-        return self.drop(h) @ self.emb.weight.T + self.bias
-
-
 def model(seed=0, **kw):
-    torch.manual_seed(seed)
-    return TinyLM(**kw)
+    return tiny_gru(seed, **kw)
 
 
 DATA = pairs(48)
@@ -206,6 +191,8 @@ def test_atomic_save_survives_a_crash_during_save(tmp_path, monkeypatch):
     def failing_replace(src, dst):
         raise OSError("killed at rename")
     monkeypatch.setattr(train_mod.os, "replace", failing_replace)
+    import dpo_lit.checkpoint as checkpoint_mod
+    monkeypatch.setattr(checkpoint_mod, "_exchange", lambda a, b: False)   # renameat2: a rename too
     with pytest.raises(OSError, match="rename"):
         fresh.save_checkpoint()
     monkeypatch.undo()
@@ -218,7 +205,7 @@ def test_stale_temp_dirs_are_ignored_and_cleaned(tmp_path):
     (tmp_path / ".tmp-checkpoint-9-xyz" / "model.pt").write_bytes(b"junk")
     assert list_checkpoints(tmp_path) == []
     DPOTrainer(model(0), train_dataset=DATA, config=cfg(max_steps=1, output_dir=str(tmp_path))).train()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "metrics.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "final", "metrics.jsonl"]
 
 
 def test_save_total_limit(tmp_path):
@@ -236,7 +223,7 @@ def test_save_model(tmp_path):
     t = DPOTrainer(model(0), train_dataset=DATA, config=cfg(max_steps=1))
     t.train()
     p = t.save(tmp_path / "final")
-    m = TinyLM()
+    m = TinyGRU()
     m.load_state_dict(torch.load(p / "model.pt", weights_only=True))
     assert same(weights(m), weights(t.model))
     assert json.loads((p / "dpo_config.json").read_text())["max_steps"] == 1
@@ -265,7 +252,7 @@ def test_nan_loss_is_caught_with_the_step_named(tmp_path):
     nan_forward_at(t.model, {6})                # step 3, second micro-batch
     with pytest.raises(NonFiniteError, match=r"^step 3: non-finite loss \(nan\) in micro-batch 2 of 2") as e:
         t.train()
-    assert "checkpoint-2" in str(e.value)
+    assert "checkpoint-2" in str(e.value) and e.value.step == 3
     assert all(torch.isfinite(w).all() for w in weights(t.model))
     assert t.state["step"] == 2 and len(t.history) == 2
     back = DPOTrainer(model(0), train_dataset=DATA, config=c)
@@ -413,3 +400,182 @@ def test_auto_precision_on_gpus_without_native_bf16(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", a100)
     assert resolve_precision("auto", "cuda")[0] == "bf16"
     assert resolve_precision("auto", "cpu")[0] == "fp32"
+
+
+# ---------------------------------------------------------------- output folder, damage, final/
+def test_output_dir_is_checked_before_any_work(tmp_path):
+    from dpo_lit.checkpoint import OutputDirError
+
+    class Untouchable(nn.Module):
+        def to(self, *a, **k): raise AssertionError("the model was touched before the check")
+
+    f = tmp_path / "a-file"
+    f.write_text("not a folder")
+    with pytest.raises(OutputDirError, match=f"^output_dir {f}: "):
+        DPOTrainer(Untouchable(), train_dataset=DATA, config=cfg(output_dir=str(f)))
+    with pytest.raises(OutputDirError, match="a-file is a file"):
+        DPOTrainer(Untouchable(), train_dataset=DATA, config=cfg(output_dir=str(f / "sub")))
+
+
+@pytest.mark.parametrize("damage", ["bit-rot", "truncated"])
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, damage):
+    from dpo_lit.checkpoint import CheckpointError, CheckpointWarning
+    c = cfg(max_steps=6, save_steps=2, output_dir=str(tmp_path), disable_dropout=False)
+    straight = DPOTrainer(model(0, dropout=0.2), train_dataset=DATA, config=cfg(
+        max_steps=6, disable_dropout=False))
+    straight.train()
+    DPOTrainer(model(0, dropout=0.2), train_dataset=DATA,
+               config=dataclasses.replace(c, max_steps=4)).train()
+    bad = tmp_path / "checkpoint-4" / ("model.pt" if damage == "bit-rot" else "trainer_state.pt")
+    data = bytearray(bad.read_bytes())
+    if damage == "bit-rot":        # finite floats, same size: would load without error unverified
+        data[len(data) // 2: len(data) // 2 + 16] = torch.full((4,), 3.0).numpy().tobytes()
+    else:
+        data = data[: len(data) // 2]
+    bad.write_bytes(bytes(data))
+    t = DPOTrainer(model(0, dropout=0.2), train_dataset=DATA, config=c)
+    with pytest.warns(CheckpointWarning, match="checkpoint-4.*checkpoint-2"):
+        t.train(resume_from="latest")
+    assert same(weights(straight.model), weights(t.model))
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    # an explicitly named damaged checkpoint is one clear error, never a silent load
+    bad.write_bytes(b"\0" * 16)
+    other = tmp_path / "checkpoint-6" / "model.pt"
+    other.write_bytes(other.read_bytes()[:-1])
+    with pytest.raises(CheckpointError, match="checkpoint-6"):
+        t = DPOTrainer(model(0), train_dataset=DATA, config=c)
+        t.load_checkpoint(tmp_path / "checkpoint-6")
+
+
+def test_resumed_metrics_hold_each_step_once(tmp_path):
+    c = cfg(max_steps=5, save_steps=2, output_dir=str(tmp_path))
+    t = DPOTrainer(model(0), train_dataset=DATA, config=c)
+    nan_forward_at(t.model, {5})                       # dies at step 5, after rows 1-4 were logged
+    with pytest.raises(NonFiniteError) as e:
+        t.train()
+    assert e.value.step == 5
+    DPOTrainer(model(0), train_dataset=DATA, config=c).train(resume_from="latest")   # from step 4
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+
+
+def tiny_hf_tokenizer():
+    "A character-level transformers tokenizer with a chat template (no download)."
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    chars = sorted(set("".join(p["prompt"] + p["chosen"] + p["rejected"] for p in DATA)))
+    vocab = {"<pad>": 0, "<eos>": 1, **{ch: i + 2 for i, ch in enumerate(chars)}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    t.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}<eos>{% endfor %}"
+    return tok
+
+
+def test_train_ends_with_a_final_folder_transformers_can_load(tmp_path):
+    transformers = need("transformers")
+    tok = tiny_hf_tokenizer()
+    torch.manual_seed(0)
+    gpt = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id))
+    t = DPOTrainer(gpt, tokenizer=tok, train_dataset=DATA,
+                   config=cfg(max_steps=2, output_dir=str(tmp_path)))
+    t.train()
+    final = tmp_path / "final"
+    back = transformers.AutoModelForCausalLM.from_pretrained(final)
+    back_tok = transformers.AutoTokenizer.from_pretrained(final)
+    assert same(weights(back), weights(t.unwrapped_model))
+    assert back_tok("x:ae")["input_ids"] == tok("x:ae")["input_ids"]
+    assert back_tok.chat_template == tok.chat_template
+    assert (final / "generation_config.json").exists()
+    assert json.loads((final / "dpo_config.json").read_text())["max_steps"] == 2
+
+
+def test_peft_policy_final_folder_is_an_adapter(tmp_path):
+    transformers, peft = need("transformers"), need("peft")
+    from dpo_lit.scale import add_lora
+    config = transformers.GPT2Config(vocab_size=258, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                     bos_token_id=257, eos_token_id=257, pad_token_id=256)
+    torch.manual_seed(0)
+    policy = add_lora(transformers.GPT2LMHeadModel(config), r=4, alpha=8, target_modules=["c_attn"])
+    t = DPOTrainer(policy, train_dataset=DATA, config=cfg(max_steps=2, output_dir=str(tmp_path)))
+    t.train()
+    assert (tmp_path / "final" / "adapter_config.json").exists()
+    torch.manual_seed(0)
+    back = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel(config), tmp_path / "final")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, policy(ids).logits)
+        merged = back.merge_and_unload()          # the documented merge: a plain GPT-2
+        torch.testing.assert_close(merged(ids).logits, policy(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_trackers_get_the_rows_of_metrics_jsonl(tmp_path, monkeypatch):
+    import dpo_lit.tracking as tracking
+    logged, closed = [], []
+
+    class Recorder:
+        def log(self, metrics, step): logged.append((step, dict(metrics)))
+        def close(self): closed.append(1)
+
+    made = []
+    def fake(report_to, **kw):
+        made.append((report_to, kw))
+        return Recorder()
+    monkeypatch.setattr(tracking, "make_trackers", fake)
+    c = cfg(max_steps=3, output_dir=str(tmp_path), report_to=["tensorboard"])
+    DPOTrainer(model(0), train_dataset=DATA, config=c).train()
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s, _ in logged] == [r["step"] for r in rows] == [1, 2, 3]
+    assert all(m["loss"] == r["loss"] for (_, m), r in zip(logged, rows))
+    assert closed == [1] and made[0][0] == ["tensorboard"]
+    assert made[0][1]["output_dir"] == str(tmp_path)
+
+
+def test_config_fields_have_help_and_choices_and_loss_params():
+    fields = dataclasses.fields(DPOConfig)
+    assert all(isinstance(f.metadata.get("help"), str) and f.metadata["help"] for f in fields)
+    assert all("\n" not in f.metadata["help"] and len(f.metadata["help"]) <= 80 for f in fields)
+    choices = {f.name: f.metadata["choices"] for f in fields if "choices" in f.metadata}
+    import dpo_lit.losses as losses
+    assert choices["loss_type"]() == tuple(losses.LOSS_TYPES)        # the live registry
+    assert set(choices) >= {"loss_type", "lr_scheduler", "precision", "on_nonfinite", "distributed"}
+    for name, ch in choices.items():                                 # every choice is accepted
+        for v in (ch() if callable(ch) else ch):
+            if name != "loss_type": DPOConfig(**{name: v})
+    DPOConfig(loss_type="bco_pair", loss_params={"bco_delta": 0.5})
+    with pytest.raises(ValueError, match="loss_params"):
+        DPOConfig(loss_params=[1.0])
+    with pytest.raises(ValueError, match="report_to"):
+        DPOConfig(report_to=5)
+
+
+def test_loss_params_reach_the_loss():
+    def first_loss(params):
+        c = cfg(max_steps=1, loss_type="bco_pair", loss_params=params)
+        return DPOTrainer(model(0), model(1), train_dataset=DATA, config=c).train()[0]["loss"]
+    runs = [first_loss(p) for p in (None, {"bco_delta": 0.0}, {"bco_delta": 2.0})]
+    assert runs[0] == pytest.approx(runs[1], abs=1e-7) and abs(runs[2] - runs[0]) > 1e-3
+
+
+def test_tinylm_final_folder_and_umask(tmp_path):
+    "toy.TinyLM's own loader reads final/; checkpoint and final folders follow the user's umask."
+    import os
+    from dpo_lit.toy import TinyLM, TinyLMConfig
+    torch.manual_seed(0)
+    policy = TinyLM(TinyLMConfig(vocab_size=258, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                                 max_len=64))
+    old = os.umask(0o027)
+    try:
+        t = DPOTrainer(policy, train_dataset=DATA,
+                       config=cfg(max_steps=2, output_dir=str(tmp_path / "run")))
+        t.train()
+    finally:
+        os.umask(old)
+    back = TinyLM.from_pretrained(tmp_path / "run" / "final")
+    assert same(weights(back), weights(policy))
+    for d in ("run/final", "run/checkpoint-2"):
+        assert (tmp_path / d).stat().st_mode & 0o777 == 0o750, d
