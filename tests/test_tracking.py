@@ -4,6 +4,7 @@ that fail while logging or while starting, and the errors for bad names, missing
 run names."""
 import dataclasses
 import glob
+import time
 import json
 import os
 import random
@@ -253,8 +254,18 @@ def test_wandb_offline_run_file_holds_what_was_logged(tmp_path, monkeypatch):
         for r in rows:
             t.log(r, r["step"])
     (run_file,) = glob.glob(f"{tmp_path}/wandb/offline-run-*/run-*.wandb")
+    # wandb 0.31 in offline mode returns from finish() while its writer may still be appending:
+    # wait (at most 30 s) for the last row instead of reading a file that is still growing
+    deadline, hist = time.monotonic() + 30, []
+    while time.monotonic() < deadline:
+        try:
+            hist = tracking._wandb_offline_history(run_file)
+        except ValueError:
+            hist = []
+        if len(hist) >= len(rows):
+            break
+        time.sleep(0.2)
     assert os.path.getsize(run_file) > 4 * 32768
-    hist = tracking._wandb_offline_history(run_file)
     assert [h["_step"] for h in hist] == [r["step"] for r in rows]
     for h, r in zip(hist, rows):                             # JSON keeps float64: exact
         assert {k: v for k, v in h.items() if not k.startswith("_")} == numeric_items(r)
