@@ -94,7 +94,7 @@ bench: $(STAMP)
 # bf16 and fp16 training. Needs no venv (the system python3 with torch and transformers is
 # enough). Without CUDA it says so and exits 0.
 gpu-check:
-	PYTHONPATH=$(CURDIR) python3 -m dpo_lit.gpu_check --out nbs/bench_results/gpu-check-$$(date +%F).json
+	PYTHONPATH=$(CURDIR) python3 -m dpo_lit.gpu_check --out nbs/bench_results/gpu-check/$$(date +%F).json
 
 clean:
 	rm -rf _build dist build *.egg-info

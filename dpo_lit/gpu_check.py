@@ -370,7 +370,7 @@ def run_all(checks, *, root, nbs="nbs", budget=450, jobs=4, log=print):
         done.update({c["name"]: r for c, r in zip(pool, ex.map(one, pool))})
     return [done[c["name"]] for c in checks], scratch
 
-# %% ../nbs/10b_gpu_check.ipynb #a4fb6462
+# %% ../nbs/10b_gpu_check.ipynb #6c2a015a
 def _pick(checks, only=(), skip=()):
     "The checks whose name contains one of `only` (all if empty) and none of `skip`."
     return [c for c in checks if (not only or any(s in c["name"] for s in only))
@@ -381,7 +381,7 @@ def build_parser():
     p = argparse.ArgumentParser(prog="python3 -m dpo_lit.gpu_check",
                                 description="Run every GPU path of dpo_lit on this machine's GPUs.")
     p.add_argument("--out", type=Path,
-                   help="results JSON (default NBS/bench_results/gpu-check-DATE.json)")
+                   help="results JSON (default NBS/bench_results/gpu-check/DATE.json)")
     p.add_argument("--dry-run", action="store_true", help="list the checks and exit (needs no GPU)")
     net = p.add_mutually_exclusive_group()
     net.add_argument("--offline", action="store_true",
@@ -398,7 +398,7 @@ def build_parser():
     p.add_argument("--nbs", default="nbs", help="the notebooks' folder (default nbs)")
     return p
 
-# %% ../nbs/10b_gpu_check.ipynb #140d9f75
+# %% ../nbs/10b_gpu_check.ipynb #204eac94
 def main(argv=None):
     "`python3 -m dpo_lit.gpu_check`: run the checks, write the results JSON, print a summary."
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -429,7 +429,8 @@ def main(argv=None):
         return 0
     t0 = time.monotonic()
     results, scratch = run_all(checks, root=root, nbs=args.nbs, budget=args.budget, jobs=args.jobs)
-    out = args.out or root / args.nbs / "bench_results" / f"gpu-check-{datetime.date.today()}.json"
+    out = args.out or (root / args.nbs / "bench_results" / "gpu-check"
+                       / f"{datetime.date.today()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "offline": offline, "budget": args.budget,

@@ -1,10 +1,15 @@
-"""Property tests for dpo_lit.logprobs: float64 references, padding invariance, fused == unfused."""
+"""Property tests for dpo_lit.logprobs: float64 references, padding invariance, fused == unfused.
+
+Different code paths (chunked or not, fused or not, other batch shapes) are compared with a
+tolerance chosen from float32 (relative 1e-5), never bit for bit: PyTorch picks its CPU kernels at
+run time, so their last bits differ between machines. Exact equality is kept for integers (token
+counts) and for values that are exact by construction (the 0 of an empty completion)."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpo_lit.logprobs import (concatenated_forward, fused_sequence_logps, peak_memory, sequence_logps)
+from dpo_lit.logprobs import concatenated_forward, fused_sequence_logps, sequence_logps
 from conftest import need
 
 
@@ -17,9 +22,10 @@ def naive_logps(logits, ids, mask, average=False):
 
 
 def random_case(seed, dtype=torch.float32):
-    "Random B, T, V, logits, ids and a completion mask with random prompt/completion lengths (some empty)."
+    "Random B, T, V, logits, ids and a completion mask of random prompt/completion lengths."
     g = torch.Generator().manual_seed(seed)
-    B, T, V = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((1, 7), (2, 30), (2, 80)))
+    B, T, V = (int(torch.randint(lo, hi, (1,), generator=g))
+               for lo, hi in ((1, 7), (2, 30), (2, 80)))
     logits = (4 * torch.randn(B, T, V, generator=g)).to(dtype)
     ids = torch.randint(0, V, (B, T), generator=g)
     mask = torch.zeros(B, T, dtype=torch.bool)
@@ -38,7 +44,8 @@ def test_sequence_logps_matches_float64_in_value_and_gradient(seed):
     for average in (False, True):
         x = logits.clone().requires_grad_()
         x64 = logits.double().requires_grad_()
-        got, counts = sequence_logps(x, ids, mask, average=average, return_counts=True, chunk_size=chunk)
+        got, counts = sequence_logps(x, ids, mask, average=average, return_counts=True,
+                                     chunk_size=chunk)
         ref = naive_logps(x64, ids, mask, average=average)
         assert got.dtype == torch.float32 and counts.dtype == torch.int64
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
@@ -61,12 +68,15 @@ def test_fused_equals_unfused_and_float64_gradients(seed):
     def run(fn, *xs):
         xs = [x.detach().clone().requires_grad_() for x in xs]
         y = fn(*xs)
-        return [y.detach()] + list(torch.autograd.grad((y * w.to(y.dtype)).sum(), xs, allow_unused=True))
+        grads = torch.autograd.grad((y * w.to(y.dtype)).sum(), xs, allow_unused=True)
+        return [y.detach()] + list(grads)
 
     for average in (False, True):
-        fused = run(lambda a, b, d: fused_sequence_logps(a, b, ids, mask, average=average, lm_head_bias=d,
+        fused = run(lambda a, b, d: fused_sequence_logps(a, b, ids, mask, average=average,
+                                                         lm_head_bias=d,
                                                          chunk_size=chunk), h, W, c)
-        unfused = run(lambda a, b, d: sequence_logps(F.linear(a, b, d), ids, mask, average=average), h, W, c)
+        unfused = run(lambda a, b, d: sequence_logps(F.linear(a, b, d), ids, mask,
+                                                     average=average), h, W, c)
         ref = run(lambda a, b, d: naive_logps(F.linear(a, b, d), ids, mask, average=average),
                   h.double(), W.double(), c.double())
         for a, u, r in zip(fused, unfused, ref):
@@ -176,10 +186,13 @@ def test_padding_invariance_random_lengths(seed):
     others = [rand_pair(g, 40, 10, 60) for _ in range(int(torch.randint(1, 4, (1,), generator=g)))]
     alone = concatenated_forward(model, batch_of([pair]))
     slot = int(torch.randint(0, len(others) + 1, (1,), generator=g))
-    mixed = concatenated_forward(model, batch_of(others[:slot] + [pair] + others[slot:], T=130, pad=5))
-    for k in ("chosen_logps", "rejected_logps", "chosen_counts", "rejected_counts", "chosen_logps_sum"):
-        torch.testing.assert_close(mixed[k][slot], alone[k][0], rtol=0, atol=1e-5)
-    wrapped = concatenated_forward(nn.DataParallel(model), batch_of([pair]))    # wrappers are looked through
+    rows = others[:slot] + [pair] + others[slot:]
+    mixed = concatenated_forward(model, batch_of(rows, T=130, pad=5))
+    for k in ("chosen_counts", "rejected_counts"):                        # integers: exact
+        assert mixed[k][slot] == alone[k][0]
+    for k in ("chosen_logps", "rejected_logps", "chosen_logps_sum"):      # other shapes: float32
+        torch.testing.assert_close(mixed[k][slot], alone[k][0], rtol=1e-5, atol=1e-5)
+    wrapped = concatenated_forward(nn.DataParallel(model), batch_of([pair]))  # looked through
     torch.testing.assert_close(wrapped["chosen_logps"], alone["chosen_logps"])
     avg = concatenated_forward(model, batch_of([pair]), average=True)
     torch.testing.assert_close(avg["chosen_logps"], alone["chosen_logps"] / len(pair[1]))
@@ -194,7 +207,8 @@ def hf_models():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=61, n_positions=96, n_embd=24, n_layer=2, n_head=2))
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=61, hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=61, hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2,
         num_key_value_heads=1, max_position_embeddings=96))
     return {"gpt2": gpt2.eval(), "llama": llama.eval()}
 
@@ -208,10 +222,11 @@ def test_transformers_models_padding_fused_and_reference(hf_models, name):
     out = concatenated_forward(model, batch)
     alone = concatenated_forward(model, batch_of(pairs[:1]))
     for k in ("chosen_logps", "rejected_logps"):
-        torch.testing.assert_close(out[k][0], alone[k][0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(out[k][0], alone[k][0], rtol=1e-5, atol=1e-5)
     full = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     ref = naive_logps(full, batch["input_ids"], batch["completion_mask"]).float()
-    torch.testing.assert_close(torch.cat([out["chosen_logps"], out["rejected_logps"]]), ref, rtol=1e-5, atol=1e-4)
+    both = torch.cat([out["chosen_logps"], out["rejected_logps"]])
+    torch.testing.assert_close(both, ref, rtol=1e-5, atol=1e-4)
 
     def grads(fused):
         model.zero_grad()
@@ -232,25 +247,24 @@ def test_fused_refuses_plain_modules():
     with pytest.raises(ValueError, match="fused=False"):
         concatenated_forward(CausalToy(), batch, fused=True)
     with pytest.raises(ValueError, match="completion_mask"):
-        concatenated_forward(CausalToy(), {k: v for k, v in batch.items() if k != "completion_mask"})
+        concatenated_forward(CausalToy(),
+                             {k: v for k, v in batch.items() if k != "completion_mask"})
 
 
-def test_peak_memory_measures_known_allocations():
-    MB = 10**6
-    assert peak_memory(lambda: torch.empty(MB).fill_(1)) == 4 * MB
-
-    def sequential():
-        a = torch.ones(2 * MB); del a
-        b = torch.ones(MB); c = torch.ones(MB)
-        return b, c
-    assert peak_memory(sequential) == 8 * MB
-    x = torch.randn(256, 512, requires_grad=True)
-    # a matmul forward+backward holds at least its output and the gradient of x
-    assert peak_memory(lambda: (x @ x.T).sum().backward()) >= 256 * 256 * 4 + 256 * 512 * 4
+def test_memory_tools_moved_to_bench():
+    "peak_memory and logps_memory_benchmark live in dpo_lit.bench; the old path warns and forwards."
+    import dpo_lit.bench as bench
+    import dpo_lit.logprobs as L
+    assert "peak_memory" not in L.__all__ and "logps_memory_benchmark" not in L.__all__
+    for name in ("peak_memory", "logps_memory_benchmark"):
+        with pytest.warns(DeprecationWarning, match="dpo_lit.bench"):
+            assert getattr(L, name) is getattr(bench, name)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        L.no_such_name
 
 
 def test_default_chunk_rows_has_a_floor_on_the_fused_path():
-    "Rows per chunk: the CHUNK_ELEMENTS budget; the fused path takes at least MIN_CHUNK_ROWS at large vocabularies."
+    "Rows per chunk: the CHUNK_ELEMENTS budget; the fused path takes at least MIN_CHUNK_ROWS."
     import dpo_lit.logprobs as L
     assert L._chunk_rows(4096) == L.CHUNK_ELEMENTS // 4096
     assert L._chunk_rows(131072) == L.CHUNK_ELEMENTS // 131072 == 32
@@ -261,7 +275,8 @@ def test_default_chunk_rows_has_a_floor_on_the_fused_path():
     L.FusedLinearLogSoftmaxGather.apply = lambda *a: (seen.append(a[-1]), apply(*a))[1]
     try:
         h, W = torch.randn(1, 5, 4), torch.randn(2**20, 4)
-        L.fused_sequence_logps(h, W, torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 5, dtype=torch.bool))
+        L.fused_sequence_logps(h, W, torch.zeros(1, 5, dtype=torch.long),
+                               torch.ones(1, 5, dtype=torch.bool))
     finally:
         L.FusedLinearLogSoftmaxGather.apply = apply
     assert seen == [L.MIN_CHUNK_ROWS]
