@@ -15,12 +15,15 @@ from .policy import optimal_policy
 
 # %% ../nbs/07_bandit.ipynb #46d81acb
 def kl_divergence(p, q):
-    r"$\mathrm{KL}(p \,\|\, q) = \sum_y p(y)\log(p(y)/q(y))$ along the last axis, with $0\log 0 = 0$ ($+\infty$ where $q = 0 < p$)."
+    (r"$\mathrm{KL}(p \,\|\, q) = \sum_y p(y)\log(p(y)/q(y))$ along the last axis, with $0\log 0 "
+     r"= 0$ ($+\infty$ where $q = 0 < p$).")
     p, q = np.broadcast_arrays(np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64))
     if (p < 0).any() or (q < 0).any():
         raise ValueError("kl_divergence needs non-negative p and q")
     with np.errstate(divide="ignore"):
-        log_ratio = np.log(p, out=np.zeros(p.shape), where=p > 0) - np.log(q, out=np.full(q.shape, -np.inf), where=q > 0)
+        log_ratio = np.log(p, out=np.zeros(p.shape), where=p > 0) - np.log(
+            q, out=np.full(q.shape, -np.inf), where=q > 0
+        )
     return np.sum(np.where(p > 0, p * log_ratio, 0.0), axis=-1)
 
 # %% ../nbs/07_bandit.ipynb #ef83d712
@@ -28,36 +31,50 @@ def _int_array(name, a):
     "`a` as a 1-D int64 array, or a ValueError naming `name`."
     arr = np.asarray(a)
     if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
-        raise ValueError(f"{name} must be a 1-D array of integers, got dtype {arr.dtype} and shape {arr.shape}")
+        raise ValueError(
+            f"{name} must be a 1-D array of integers, got dtype {arr.dtype} and shape {arr.shape}"
+        )
     return arr.astype(np.int64)
+
 
 @dataclass
 class PreferencePairs:
-    "Labelled comparisons: prompt `x`, `chosen` $y_w$ and `rejected` $y_l$ indices, and a non-negative `weight` per pair."
+    ("Labelled comparisons: prompt `x`, `chosen` $y_w$ and `rejected` $y_l$ indices, and a "
+     "non-negative `weight` per pair.")
+
     x: np.ndarray
     chosen: np.ndarray
     rejected: np.ndarray
     weight: np.ndarray | None = None
 
     def __post_init__(self):
-        self.x, self.chosen, self.rejected = (_int_array(n, getattr(self, n)) for n in ("x", "chosen", "rejected"))
+        self.x, self.chosen, self.rejected = (
+            _int_array(n, getattr(self, n)) for n in ("x", "chosen", "rejected")
+        )
         n = len(self.x)
-        self.weight = np.ones(n) if self.weight is None else np.asarray(self.weight, dtype=np.float64)
+        self.weight = (
+            np.ones(n) if self.weight is None else np.asarray(self.weight, dtype=np.float64)
+        )
         for name in ("chosen", "rejected", "weight"):
             if getattr(self, name).shape != (n,):
-                raise ValueError(f"{name} has shape {getattr(self, name).shape} but x has {n} entries")
+                raise ValueError(
+                    f"{name} has shape {getattr(self, name).shape} but x has {n} entries"
+                )
         if not (np.isfinite(self.weight).all() and (self.weight >= 0).all()):
             raise ValueError("weight must be finite and non-negative")
 
     def __len__(self):
         return len(self.x)
 
-# %% ../nbs/07_bandit.ipynb #6da30882
+# %% ../nbs/07_bandit.ipynb #2acc4942
 _SAMPLERS = ("ref", "uniform")
 
+# %% ../nbs/07_bandit.ipynb #b604971c
 @dataclass
 class BanditProblem:
-    "A contextual bandit: reward table `rewards[x, y]`, reference policy `ref_probs[x, y]`, prompt distribution `prompt_probs[x]`."
+    ("A contextual bandit: reward table `rewards[x, y]`, reference policy `ref_probs[x, y]`, "
+     "prompt distribution `prompt_probs[x]`.")
+
     rewards: np.ndarray
     ref_probs: np.ndarray
     prompt_probs: np.ndarray | None = None
@@ -66,21 +83,36 @@ class BanditProblem:
         self.rewards = np.asarray(self.rewards, dtype=np.float64)
         self.ref_probs = np.asarray(self.ref_probs, dtype=np.float64)
         if self.rewards.ndim != 2 or self.rewards.shape[1] < 2:
-            raise ValueError(f"rewards must be a [n_prompts, n_responses] table with n_responses >= 2, got shape {self.rewards.shape}")
+            raise ValueError(
+                f"rewards must be a [n_prompts, n_responses] table with n_responses >= 2, got "
+                f"shape {self.rewards.shape}"
+            )
         if self.ref_probs.shape != self.rewards.shape:
-            raise ValueError(f"ref_probs has shape {self.ref_probs.shape} but rewards has shape {self.rewards.shape}")
+            raise ValueError(
+                f"ref_probs has shape {self.ref_probs.shape} but rewards has shape "
+                f"{self.rewards.shape}"
+            )
         if not np.isfinite(self.rewards).all():
             raise ValueError("rewards contains NaN or infinite values")
         if not ((self.ref_probs > 0).all() and np.allclose(self.ref_probs.sum(-1), 1.0, atol=1e-6)):
             raise ValueError("ref_probs must be positive with rows that sum to 1")
         n = self.rewards.shape[0]
-        self.prompt_probs = np.full(n, 1.0 / n) if self.prompt_probs is None else np.asarray(self.prompt_probs, dtype=np.float64)
-        if self.prompt_probs.shape != (n,) or (self.prompt_probs < 0).any() or not np.isclose(self.prompt_probs.sum(), 1.0):
+        self.prompt_probs = (
+            np.full(n, 1.0 / n)
+            if self.prompt_probs is None
+            else np.asarray(self.prompt_probs, dtype=np.float64)
+        )
+        if (
+            self.prompt_probs.shape != (n,)
+            or (self.prompt_probs < 0).any()
+            or not np.isclose(self.prompt_probs.sum(), 1.0)
+        ):
             raise ValueError(f"prompt_probs must be a distribution over the {n} prompts")
 
     @classmethod
     def random(cls, n_prompts=4, n_responses=6, *, reward_scale=1.0, ref_spread=0.5, seed=0):
-        "A random problem: rewards $\\sim \\mathcal{N}(0, \\text{reward\\_scale}^2)$, $\\pi_{ref}$ = softmax of $\\mathcal{N}(0, \\text{ref\\_spread}^2)$ logits."
+        ("A random problem: rewards $\\sim \\mathcal{N}(0, \\text{reward\\_scale}^2)$, "
+         "$\\pi_{ref}$ = softmax of $\\mathcal{N}(0, \\text{ref\\_spread}^2)$ logits.")
         rng = np.random.default_rng(seed)
         rewards = reward_scale * rng.standard_normal((n_prompts, n_responses))
         logits = ref_spread * rng.standard_normal((n_prompts, n_responses))
@@ -96,13 +128,15 @@ class BanditProblem:
         return optimal_policy(self.ref_probs, self.rewards, beta)
 
     def sampling_probs(self, sampler="ref"):
-        "The distribution $\\mu(y \\mid x)$ each response of a pair is drawn from: `'ref'` ($\\pi_{ref}$) or `'uniform'`."
+        ("The distribution $\\mu(y \\mid x)$ each response of a pair is drawn from: `'ref'` "
+         "($\\pi_{ref}$) or `'uniform'`.")
         if sampler not in _SAMPLERS:
             raise ValueError(f"sampler must be one of {_SAMPLERS}, got {sampler!r}")
         return self.ref_probs if sampler == "ref" else np.full(self.shape, 1.0 / self.shape[1])
 
     def pair_probs(self, sampler="ref"):
-        "$q(y_1, y_2 \\mid x)$ of eq. (bandit-pair-probs): two independent draws from $\\mu$, conditioned on $y_1 \\neq y_2$."
+        ("$q(y_1, y_2 \\mid x)$ of eq. (bandit-pair-probs): two independent draws from $\\mu$, "
+         "conditioned on $y_1 \\neq y_2$.")
         mu = self.sampling_probs(sampler)
         q = mu[:, :, None] * mu[:, None, :] * (1.0 - np.eye(self.shape[1]))
         return q / q.sum((1, 2), keepdims=True)
@@ -112,7 +146,7 @@ class BanditProblem:
         d = self.rewards[:, :, None] - self.rewards[:, None, :]
         if deterministic:
             return np.where(d > 0, 1.0, np.where(d < 0, 0.0, 0.5))
-        return 0.5 * (1.0 + np.tanh(d / 2))                    # sigma(d), without overflow
+        return 0.5 * (1.0 + np.tanh(d / 2))  # sigma(d), without overflow
 
     def sample_pairs(self, n, *, sampler="ref", deterministic=False, seed=0):
         "`n` labelled pairs: $x \\sim \\nu$, $(y_1, y_2) \\sim q$, then the label drawn from $p^*$."
@@ -126,16 +160,23 @@ class BanditProblem:
         return PreferencePairs(x, np.where(first_wins, y1, y2), np.where(first_wins, y2, y1))
 
     def population_pairs(self, *, sampler="ref", deterministic=False):
-        "Every labelled pair once, weighted by its probability $\\nu(x)\\,2q(y_w, y_l \\mid x)\\,p^*(y_w \\succ y_l \\mid x)$."
+        ("Every labelled pair once, weighted by its probability $\\nu(x)\\,2q(y_w, y_l \\mid "
+         "x)\\,p^*(y_w \\succ y_l \\mid x)$.")
         q = self.pair_probs(sampler)
-        w = self.prompt_probs[:, None, None] * (q + q.transpose(0, 2, 1)) * self.win_probs(deterministic)
+        w = (
+            self.prompt_probs[:, None, None]
+            * (q + q.transpose(0, 2, 1))
+            * self.win_probs(deterministic)
+        )
         x, yw, yl = np.nonzero(w > 0)
         return PreferencePairs(x, yw, yl, w[x, yw, yl])
 
     def _check_probs(self, probs):
         probs = np.asarray(probs, dtype=np.float64)
         if probs.shape[-2:] != self.shape:
-            raise ValueError(f"probs must end with the problem's shape {self.shape}, got {probs.shape}")
+            raise ValueError(
+                f"probs must end with the problem's shape {self.shape}, got {probs.shape}"
+            )
         return probs
 
     def expected_reward(self, probs):
@@ -144,27 +185,45 @@ class BanditProblem:
         return np.sum(self.prompt_probs * np.sum(probs * self.rewards, -1), -1)
 
     def kl_to_ref(self, probs):
-        "$\\mathrm{KL}(\\pi \\| \\pi_{ref})$ of eq. (bandit-reward-kl), averaged over prompts, over any leading axes."
+        ("$\\mathrm{KL}(\\pi \\| \\pi_{ref})$ of eq. (bandit-reward-kl), averaged over prompts, "
+         "over any leading axes.")
         probs = self._check_probs(probs)
         return np.sum(self.prompt_probs * kl_divergence(probs, self.ref_probs), -1)
 
     def kl_from_optimum(self, probs, beta):
-        "$\\mathrm{KL}(\\pi^*_\\beta \\| \\pi)$, averaged over prompts: how far `probs` is from the optimum."
+        ("$\\mathrm{KL}(\\pi^*_\\beta \\| \\pi)$, averaged over prompts: how far `probs` is from "
+         "the optimum.")
         probs = self._check_probs(probs)
         return np.sum(self.prompt_probs * kl_divergence(self.optimal_policy(beta), probs), -1)
 
-# %% ../nbs/07_bandit.ipynb #226adb20
+# %% ../nbs/07_bandit.ipynb #e4137b19
 def _merge_pairs(pairs):
-    "Distinct `(x, chosen, rejected)` triplets of `pairs` with their summed weights, normalised to sum to 1."
+    ("Distinct `(x, chosen, rejected)` triplets of `pairs` with their summed weights, normalised "
+     "to sum to 1.")
     if len(pairs) == 0 or pairs.weight.sum() <= 0:
         raise ValueError("pairs is empty (or all its weights are zero)")
-    keys, inverse = np.unique(np.stack([pairs.x, pairs.chosen, pairs.rejected], 1), axis=0, return_inverse=True)
+    keys, inverse = np.unique(
+        np.stack([pairs.x, pairs.chosen, pairs.rejected], 1), axis=0, return_inverse=True
+    )
     w = np.bincount(inverse.ravel(), weights=pairs.weight, minlength=len(keys))
     return keys, w / w.sum()
 
-def train_tabular_policy(problem, pairs, beta, *, loss_type="sigmoid", steps=300, lr=0.1, adam_betas=(0.9, 0.999),
-                         adam_eps=1e-8, record_every=10, loss_kwargs=None):
-    "Fit a softmax table $\\pi_\\theta$ (initialised at $\\pi_{ref}$) to `pairs` with full-batch Adam; returns `(probs, history)`."
+# %% ../nbs/07_bandit.ipynb #7ce02f36
+def train_tabular_policy(
+    problem,
+    pairs,
+    beta,
+    *,
+    loss_type="sigmoid",
+    steps=300,
+    lr=0.1,
+    adam_betas=(0.9, 0.999),
+    adam_eps=1e-8,
+    record_every=10,
+    loss_kwargs=None,
+):
+    ("Fit a softmax table $\\pi_\\theta$ (initialised at $\\pi_{ref}$) to `pairs` with full-batch "
+     "Adam; returns `(probs, history)`.")
     single = isinstance(pairs, PreferencePairs)
     runs = [pairs] if single else list(pairs)
     if not runs or not all(isinstance(p, PreferencePairs) for p in runs):
@@ -173,25 +232,56 @@ def train_tabular_policy(problem, pairs, beta, *, loss_type="sigmoid", steps=300
     if betas.size == 1:
         betas = np.full(len(runs), betas[0])
     if betas.size != len(runs) or not (np.isfinite(betas).all() and (betas > 0).all()):
-        raise ValueError(f"beta must be positive: one value, or one per data set ({len(runs)}), got {beta!r}")
+        raise ValueError(
+            f"beta must be positive: one value, or one per data set ({len(runs)}), got {beta!r}"
+        )
     if loss_type not in LOSS_TYPES + ("unweighted",):
-        raise ValueError(f"loss_type must be 'unweighted' or one of {LOSS_TYPES}, got {loss_type!r}")
-    if int(steps) != steps or steps < 0 or not lr > 0 or int(record_every) != record_every or record_every < 1:
-        raise ValueError("steps must be a non-negative integer, lr positive and record_every a positive integer")
+        raise ValueError(
+            f"loss_type must be 'unweighted' or one of {LOSS_TYPES}, got {loss_type!r}"
+        )
+    if (
+        int(steps) != steps
+        or steps < 0
+        or not lr > 0
+        or int(record_every) != record_every
+        or record_every < 1
+    ):
+        raise ValueError(
+            "steps must be a non-negative integer, lr positive and record_every a positive integer"
+        )
     P, K = problem.shape
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)                        # tiny tensors: extra threads only add overhead
+    torch.set_num_threads(1)  # tiny tensors: extra threads only add overhead
     try:
-        return _train(problem, runs, betas, single, loss_type, int(steps), lr, adam_betas, adam_eps, int(record_every),
-                      dict(loss_kwargs or {}))
+        return _train(
+            problem,
+            runs,
+            betas,
+            single,
+            loss_type,
+            int(steps),
+            lr,
+            adam_betas,
+            adam_eps,
+            int(record_every),
+            dict(loss_kwargs or {}),
+        )
     finally:
         torch.set_num_threads(threads)
 
-def _train(problem, runs, betas, single, loss_type, steps, lr, adam_betas, adam_eps, record_every, kwargs):
+# %% ../nbs/07_bandit.ipynb #e383a9f0
+def _train(
+    problem, runs, betas, single, loss_type, steps, lr, adam_betas, adam_eps, record_every, kwargs
+):
     "The training loop of `train_tabular_policy`, on validated arguments."
     P, K = problem.shape
     for p in runs:
-        if len(p) and (p.x.max() >= P or p.chosen.max() >= K or p.rejected.max() >= K or min(p.x.min(), p.chosen.min(), p.rejected.min()) < 0):
+        if len(p) and (
+            p.x.max() >= P
+            or p.chosen.max() >= K
+            or p.rejected.max() >= K
+            or min(p.x.min(), p.chosen.min(), p.rejected.min()) < 0
+        ):
             raise ValueError(f"pairs index outside the problem's {P} prompts x {K} responses")
     # one block of distinct triplets per run, runs with equal beta next to each other
     order = np.argsort(betas, kind="stable")
@@ -200,8 +290,16 @@ def _train(problem, runs, betas, single, loss_type, steps, lr, adam_betas, adam_
     x, yw, yl = (torch.as_tensor(np.concatenate([k[:, j] for _, k, _ in blocks])) for j in range(3))
     w = torch.as_tensor(np.concatenate([wt for *_, wt in blocks]))
     block_beta = np.concatenate([np.full(len(k), betas[i]) for i, k, _ in blocks])
-    groups = [(b, slice(int(np.searchsorted(block_beta, b, "left")), int(np.searchsorted(block_beta, b, "right"))))
-              for b in np.unique(block_beta)]
+    groups = [
+        (
+            b,
+            slice(
+                int(np.searchsorted(block_beta, b, "left")),
+                int(np.searchsorted(block_beta, b, "right")),
+            ),
+        )
+        for b in np.unique(block_beta)
+    ]
 
     R = len(runs)
     nu = torch.as_tensor(problem.prompt_probs)
@@ -220,16 +318,26 @@ def _train(problem, runs, betas, single, loss_type, steps, lr, adam_betas, adam_
             if loss_type == "unweighted":
                 per_pair.append(unweighted_loss(pc[s], pr[s], rc[s], rr[s], beta=float(b)))
             else:
-                per_pair.append(preference_loss(pc[s], pr[s], rc[s], rr[s], beta=float(b), loss_type=loss_type, **kwargs)[0])
-        per_run = torch.zeros(R, dtype=torch.float64).index_add(0, run, w * torch.cat(per_pair).to(torch.float64))
+                per_pair.append(
+                    preference_loss(
+                        pc[s], pr[s], rc[s], rr[s], beta=float(b), loss_type=loss_type, **kwargs
+                    )[0]
+                )
+        per_run = torch.zeros(R, dtype=torch.float64).index_add(
+            0, run, w * torch.cat(per_pair).to(torch.float64)
+        )
         if t % record_every == 0 or t == steps:
             with torch.no_grad():
                 probs = logp.exp()
                 hist["step"].append(t)
                 hist["loss"].append(per_run.detach().numpy().copy())
-                hist["kl_to_optimum"].append(((star * (log_star - logp)).sum(-1) * nu).sum(-1).numpy())
+                hist["kl_to_optimum"].append(
+                    ((star * (log_star - logp)).sum(-1) * nu).sum(-1).numpy()
+                )
                 hist["kl_to_ref"].append(((probs * (logp - ref_logp)).sum(-1) * nu).sum(-1).numpy())
-                hist["reward"].append(((probs * torch.as_tensor(problem.rewards)).sum(-1) * nu).sum(-1).numpy())
+                hist["reward"].append(
+                    ((probs * torch.as_tensor(problem.rewards)).sum(-1) * nu).sum(-1).numpy()
+                )
                 hist["probs"].append(probs.numpy().copy())
         if t == steps:
             break
@@ -245,17 +353,23 @@ def _train(problem, runs, betas, single, loss_type, steps, lr, adam_betas, adam_
 
 # %% ../nbs/07_bandit.ipynb #7d9a4a72
 def bt_mle_exists(problem, pairs):
-    "Per prompt: whether the graph '$y$ beat $y\\'$' of `pairs` is strongly connected, i.e. the DPO/Bradley-Terry optimum is finite."
+    ("Per prompt: whether the graph '$y$ beat $y\\'$' of `pairs` is strongly connected, i.e. the "
+     "DPO/Bradley-Terry optimum is finite.")
     P, K = problem.shape
     reach = np.zeros((P, K, K), dtype=bool)
-    reach[pairs.x[pairs.weight > 0], pairs.chosen[pairs.weight > 0], pairs.rejected[pairs.weight > 0]] = True
+    reach[
+        pairs.x[pairs.weight > 0], pairs.chosen[pairs.weight > 0], pairs.rejected[pairs.weight > 0]
+    ] = True
     reach |= np.eye(K, dtype=bool)
-    for _ in range(int(np.ceil(np.log2(K))) + 1):                    # transitive closure by repeated squaring
+    # transitive closure by repeated squaring
+    for _ in range(int(np.ceil(np.log2(K))) + 1):
         reach = (reach.astype(np.int64) @ reach.astype(np.int64)) > 0
     return reach.all((1, 2))
 
+
 def asymptotic_kl(problem, beta, n, *, sampler="ref"):
-    "Large-$N$ prediction of $\\mathbb{E}\\,\\mathrm{KL}(\\pi^*_\\beta \\| \\pi_{\\hat\\theta_N})$ for DPO on `n` sampled pairs, eq. (bandit-asymptotic)."
+    ("Large-$N$ prediction of $\\mathbb{E}\\,\\mathrm{KL}(\\pi^*_\\beta \\| "
+     "\\pi_{\\hat\\theta_N})$ for DPO on `n` sampled pairs, eq. (bandit-asymptotic).")
     star = problem.optimal_policy(beta)
     s = problem.win_probs()
     edge = problem.pair_probs(sampler) * s * (1 - s)
@@ -268,32 +382,46 @@ def asymptotic_kl(problem, beta, n, *, sampler="ref"):
 
 # %% ../nbs/07_bandit.ipynb #1bcd9c07
 def frontier(problem, betas):
-    "The exact KL-reward frontier, eq. (bandit-frontier): a dict of arrays `beta`, `kl`, `reward` of $\\pi^*_\\beta$."
+    ("The exact KL-reward frontier, eq. (bandit-frontier): a dict of arrays `beta`, `kl`, "
+     "`reward` of $\\pi^*_\\beta$.")
     betas = np.asarray(betas, dtype=np.float64).ravel()
     if not (np.isfinite(betas).all() and (betas > 0).all()):
         raise ValueError("betas must be positive and finite")
     # pi* with rewards r / beta at temperature 1 is pi*_beta: one vectorised call
     policies = optimal_policy(problem.ref_probs, problem.rewards / betas[:, None, None], 1.0)
-    return {"beta": betas, "kl": problem.kl_to_ref(policies), "reward": problem.expected_reward(policies)}
+    return {
+        "beta": betas,
+        "kl": problem.kl_to_ref(policies),
+        "reward": problem.expected_reward(policies),
+    }
+
 
 def frontier_gap(problem, probs, *, beta_range=(1e-4, 1e4), iters=80):
-    "Frontier reward at the KL of `probs` minus the reward of `probs` (>= 0 for every policy), over leading axes."
+    ("Frontier reward at the KL of `probs` minus the reward of `probs` (>= 0 for every policy), "
+     "over leading axes.")
     probs = np.asarray(probs, dtype=np.float64)
     kl, reward = problem.kl_to_ref(probs), problem.expected_reward(probs)
     lo, hi = np.full(kl.shape, np.log(beta_range[0])), np.full(kl.shape, np.log(beta_range[1]))
-    for _ in range(iters):                                    # KL of pi*_beta decreases with beta: bisection on log beta
+    # KL of pi*_beta decreases with beta: bisection on log beta
+    for _ in range(iters):
         mid = (lo + hi) / 2
         too_far = frontier(problem, np.exp(mid).ravel())["kl"].reshape(kl.shape) > kl
         lo, hi = np.where(too_far, mid, lo), np.where(too_far, hi, mid)
     return frontier(problem, np.exp(hi).ravel())["reward"].reshape(kl.shape) - reward
 
 # %% ../nbs/07_bandit.ipynb #21fa6759
-def unweighted_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta=0.1):
-    "Per-pair unweighted loss $-z$ of eq. (bandit-unweighted): the DPO gradient with the weight $\\sigma(-z)$ set to 1."
-    return -beta * ((policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps))
+def unweighted_loss(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta=0.1
+):
+    ("Per-pair unweighted loss $-z$ of eq. (bandit-unweighted): the DPO gradient with the weight "
+     "$\\sigma(-z)$ set to 1.")
+    return -beta * (
+        (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    )
 
 # %% ../nbs/07_bandit.ipynb #ca49d3f0
 def ipo_optimal_policy(problem, beta, *, sampler="ref", deterministic=False):
-    "Population optimum of the IPO loss, eq. (bandit-ipo-optimum): $\\pi_{ref}\\exp(\\psi/\\beta)/Z$ with $\\psi$ the win rate against $\\mu$."
+    ("Population optimum of the IPO loss, eq. (bandit-ipo-optimum): "
+     "$\\pi_{ref}\\exp(\\psi/\\beta)/Z$ with $\\psi$ the win rate against $\\mu$.")
     psi = np.einsum("xyz,xz->xy", problem.win_probs(deterministic), problem.sampling_probs(sampler))
     return optimal_policy(problem.ref_probs, psi, beta)

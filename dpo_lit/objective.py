@@ -6,20 +6,31 @@ __all__ = ['log_ratio_margin', 'dpo_loss', 'dpo_gradients', 'naive_dpo_gradients
 # %% ../nbs/02_dpo_objective.ipynb #dfeca852
 import numpy as np
 
-from .policy import _check_beta      # beta > 0, finite, a real scalar: shared with the previous chapter
+# beta > 0, finite, a real scalar: shared with the previous chapter
+from .policy import _check_beta
 from .preferences import log_sigmoid, sigmoid
 
 # %% ../nbs/02_dpo_objective.ipynb #ea6b3105
-_LOGPROB_NAMES = ("pi_logprobs_chosen", "pi_logprobs_rejected", "ref_logprobs_chosen", "ref_logprobs_rejected")
+_LOGPROB_NAMES = (
+    "pi_logprobs_chosen",
+    "pi_logprobs_rejected",
+    "ref_logprobs_chosen",
+    "ref_logprobs_rejected",
+)
+
 
 def _as_logprobs(name, x):
     "`x` as a non-empty float64 array of finite values, or a ValueError that names `name`."
     if x is None or isinstance(x, (str, bytes)):
-        raise ValueError(f"{name} must be a number, list or array of log-probabilities, got {type(x).__name__}")
+        raise ValueError(
+            f"{name} must be a number, list or array of log-probabilities, got {type(x).__name__}"
+        )
     try:
         a = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a number, list or array of log-probabilities: {err}") from None
+        raise ValueError(
+            f"{name} must be a number, list or array of log-probabilities: {err}"
+        ) from None
     if a.size == 0:
         raise ValueError(f"{name} is empty: the DPO loss needs at least one preference pair")
     if not np.isfinite(a).all():
@@ -27,39 +38,71 @@ def _as_logprobs(name, x):
     return a
 
 # %% ../nbs/02_dpo_objective.ipynb #4bba7fa2
-def log_ratio_margin(pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen, ref_logprobs_rejected):
+def log_ratio_margin(
+    pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen, ref_logprobs_rejected
+):
     "Log-ratio margin $h$ of each pair, eq. (dpo-margin), after validating the four arrays."
-    arrays = [_as_logprobs(n, a) for n, a in zip(_LOGPROB_NAMES, (pi_logprobs_chosen, pi_logprobs_rejected,
-                                                                  ref_logprobs_chosen, ref_logprobs_rejected))]
+    arrays = [
+        _as_logprobs(n, a)
+        for n, a in zip(
+            _LOGPROB_NAMES,
+            (pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen, ref_logprobs_rejected),
+        )
+    ]
     for name, a in zip(_LOGPROB_NAMES[1:], arrays[1:]):
         if a.shape != arrays[0].shape:
-            raise ValueError(f"{name} has shape {a.shape} but pi_logprobs_chosen has shape {arrays[0].shape}: "
-                             "the four log-probability arrays must have the same shape (one entry per pair)")
+            raise ValueError(
+                f"{name} has shape {a.shape} but pi_logprobs_chosen has shape {arrays[0].shape}: "
+                "the four log-probability arrays must have the same shape (one entry per pair)"
+            )
     pc, pr, rc, rr = arrays
     return (pc - rc) - (pr - rr)
 
 # %% ../nbs/02_dpo_objective.ipynb #ac7051b1
-def dpo_loss(pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen, ref_logprobs_rejected, beta=0.1):
-    r"Mean DPO loss $-\log\sigma(z)$ over the pairs, eq. (dpo-loss), with $z = \beta h$ from eq. (dpo-margin)."
+def dpo_loss(
+    pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen, ref_logprobs_rejected, beta=0.1
+):
+    (r"Mean DPO loss $-\log\sigma(z)$ over the pairs, eq. (dpo-loss), with $z = \beta h$ from eq. "
+     r"(dpo-margin).")
     beta = _check_beta(beta)
-    z = beta * log_ratio_margin(pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen, ref_logprobs_rejected)
-    return float(0.0 - np.mean(log_sigmoid(z)))       # 0.0 - m: a zero loss is +0.0
+    z = beta * log_ratio_margin(
+        pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen, ref_logprobs_rejected
+    )
+    return float(0.0 - np.mean(log_sigmoid(z)))  # 0.0 - m: a zero loss is +0.0
 
 # %% ../nbs/02_dpo_objective.ipynb #225a0493
-def dpo_gradients(pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen, ref_logprobs_rejected, beta=0.1):
-    "Mean DPO loss, its gradients w.r.t. the policy log-probs, and the mean log-ratio margin h (no beta)."
+def dpo_gradients(
+    pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen, ref_logprobs_rejected, beta=0.1
+):
+    ("Mean DPO loss, its gradients w.r.t. the policy log-probs, and the mean log-ratio margin h "
+     "(no beta).")
     beta = _check_beta(beta)
-    h = log_ratio_margin(pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen, ref_logprobs_rejected)
+    h = log_ratio_margin(
+        pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen, ref_logprobs_rejected
+    )
     z = beta * h
-    g = beta * sigmoid(-z) / h.size               # beta sigma(-z) / N, the weight of each pair
-    return {"loss": float(0.0 - np.mean(log_sigmoid(z))), "grad_chosen": np.subtract(0.0, g), "grad_rejected": g,
-            "mean_reward_margin": float(np.mean(h))}
+    g = beta * sigmoid(-z) / h.size  # beta sigma(-z) / N, the weight of each pair
+    return {
+        "loss": float(0.0 - np.mean(log_sigmoid(z))),
+        "grad_chosen": np.subtract(0.0, g),
+        "grad_rejected": g,
+        "mean_reward_margin": float(np.mean(h)),
+    }
 
 # %% ../nbs/02_dpo_objective.ipynb #057c713b
-def naive_dpo_gradients(pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen, ref_logprobs_rejected, beta=0.1):
-    r"The unweighted objective $-\mathbb{E}[z]$ and its gradients (eq. (dpo-naive-grad)), keyed like `dpo_gradients`."
+def naive_dpo_gradients(
+    pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen, ref_logprobs_rejected, beta=0.1
+):
+    (r"The unweighted objective $-\mathbb{E}[z]$ and its gradients (eq. (dpo-naive-grad)), keyed "
+     r"like `dpo_gradients`.")
     beta = _check_beta(beta)
-    h = log_ratio_margin(pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen, ref_logprobs_rejected)
+    h = log_ratio_margin(
+        pi_logprobs_chosen, pi_logprobs_rejected, ref_logprobs_chosen, ref_logprobs_rejected
+    )
     g = np.full(h.shape, beta / h.size)
-    return {"loss": float(-beta * np.mean(h)), "grad_chosen": -g, "grad_rejected": g,
-            "mean_reward_margin": float(np.mean(h))}
+    return {
+        "loss": float(-beta * np.mean(h)),
+        "grad_chosen": -g,
+        "grad_rejected": g,
+        "mean_reward_margin": float(np.mean(h)),
+    }

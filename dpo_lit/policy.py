@@ -21,6 +21,7 @@ def _check_beta(beta):
         raise ValueError(f"beta must be a positive real number, got {beta!r}")
     return b
 
+
 def _as_array(name, x):
     "`x` as a non-empty float64 array of finite values, or a ValueError that names `name`."
     try:
@@ -28,20 +29,28 @@ def _as_array(name, x):
     except (TypeError, ValueError) as err:
         raise ValueError(f"{name} must be numeric: {err}") from None
     if a.ndim == 0 or a.shape[-1] == 0:
-        raise ValueError(f"{name} needs at least one completion along its last axis, got shape {a.shape}")
+        raise ValueError(
+            f"{name} needs at least one completion along its last axis, got shape {a.shape}"
+        )
     if not np.isfinite(a).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     return a
 
+
 def _as_distribution(name, p):
-    "`p` as an array of probability distributions along its last axis, or a ValueError naming `name`."
+    ("`p` as an array of probability distributions along its last axis, or a ValueError naming "
+     "`name`.")
     p = _as_array(name, p)
     if (p < 0).any():
         raise ValueError(f"{name} has negative entries")
     total = p.sum(axis=-1)
     if not np.allclose(total, 1.0, rtol=0, atol=1e-6):
-        raise ValueError(f"{name} must sum to 1 along its last axis (sums range from {total.min()} to {total.max()})")
+        raise ValueError(
+            f"{name} must sum to 1 along its last axis (sums range from {total.min()} to "
+            f"{total.max()})"
+        )
     return p
+
 
 def _broadcast(**arrays):
     "Broadcast named arrays against each other, or a ValueError naming them."
@@ -51,9 +60,11 @@ def _broadcast(**arrays):
         shapes = ", ".join(f"{k} {v.shape}" for k, v in arrays.items())
         raise ValueError(f"shapes do not broadcast: {shapes}") from None
 
+
 def _log(p):
     "Elementwise $\\log p$ with $\\log 0 = -\\infty$, and no divide-by-zero warning."
     return np.log(p, out=np.full(p.shape, -np.inf), where=p > 0)
+
 
 def _scalar_if_0d(a):
     "A Python float for a 0-d result, the array otherwise."
@@ -61,23 +72,31 @@ def _scalar_if_0d(a):
 
 # %% ../nbs/01_optimal_policy.ipynb #fd6d8b85
 def kl_objective(policy, ref_probs, rewards, beta):
-    "$J_x(\\pi) = \\mathbb{E}_\\pi[r] - \\beta\\,\\mathrm{KL}(\\pi \\| \\pi_{ref})$ along the last axis, eq. (opt-per-prompt)."
+    ("$J_x(\\pi) = \\mathbb{E}_\\pi[r] - \\beta\\,\\mathrm{KL}(\\pi \\| \\pi_{ref})$ along the "
+     "last axis, eq. (opt-per-prompt).")
     beta = _check_beta(beta)
-    policy, ref_probs, rewards = _broadcast(policy=_as_distribution("policy", policy),
-                                            ref_probs=_as_distribution("ref_probs", ref_probs),
-                                            rewards=_as_array("rewards", rewards))
+    policy, ref_probs, rewards = _broadcast(
+        policy=_as_distribution("policy", policy),
+        ref_probs=_as_distribution("ref_probs", ref_probs),
+        rewards=_as_array("rewards", rewards),
+    )
     support = policy > 0
-    log_ratio = np.subtract(_log(policy), _log(ref_probs), out=np.zeros(policy.shape), where=support)
+    log_ratio = np.subtract(
+        _log(policy), _log(ref_probs), out=np.zeros(policy.shape), where=support
+    )
     kl = np.sum(policy * log_ratio, axis=-1)
     return _scalar_if_0d(np.sum(policy * rewards, axis=-1) - beta * kl)
 
 # %% ../nbs/01_optimal_policy.ipynb #a075568c
 def _gibbs_logits(ref_probs, rewards, beta):
-    "$\\log\\pi_{ref} + r/\\beta$ (validated and broadcast), the unnormalised log of eq. (opt-gibbs-policy)."
+    ("$\\log\\pi_{ref} + r/\\beta$ (validated and broadcast), the unnormalised log of eq. "
+     "(opt-gibbs-policy).")
     beta = _check_beta(beta)
-    ref_probs, rewards = _broadcast(ref_probs=_as_distribution("ref_probs", ref_probs),
-                                    rewards=_as_array("rewards", rewards))
+    ref_probs, rewards = _broadcast(
+        ref_probs=_as_distribution("ref_probs", ref_probs), rewards=_as_array("rewards", rewards)
+    )
     return _log(ref_probs) + rewards / beta
+
 
 def _shifted_exp(logits):
     "The maximum $m$ of each row and $e^{\\text{logits} - m}$, skipping exponents below -700."
@@ -91,20 +110,26 @@ def log_partition(ref_probs, rewards, beta):
     m, e = _shifted_exp(_gibbs_logits(ref_probs, rewards, beta))
     return _scalar_if_0d(m[..., 0] + np.log(e.sum(axis=-1)))
 
+
 def optimal_policy(ref_probs, rewards, beta):
-    "$\\pi_r \\propto \\pi_{ref}\\exp(r/\\beta)$ along the last axis, eq. (opt-gibbs-policy), stable for any $r/\\beta$."
+    ("$\\pi_r \\propto \\pi_{ref}\\exp(r/\\beta)$ along the last axis, eq. (opt-gibbs-policy), "
+     "stable for any $r/\\beta$.")
     _, e = _shifted_exp(_gibbs_logits(ref_probs, rewards, beta))
     return e / e.sum(axis=-1, keepdims=True)
 
 # %% ../nbs/01_optimal_policy.ipynb #f044e003
 def implicit_reward(policy, ref_probs, beta, log_Z=None):
-    "$\\beta\\log(\\pi/\\pi_{ref}) + \\beta\\log Z(x)$ along the last axis, eq. (opt-reparam); $\\log Z$ omitted if `log_Z` is None."
+    ("$\\beta\\log(\\pi/\\pi_{ref}) + \\beta\\log Z(x)$ along the last axis, eq. (opt-reparam); "
+     "$\\log Z$ omitted if `log_Z` is None.")
     beta = _check_beta(beta)
-    policy, ref_probs = _broadcast(policy=_as_distribution("policy", policy),
-                                   ref_probs=_as_distribution("ref_probs", ref_probs))
+    policy, ref_probs = _broadcast(
+        policy=_as_distribution("policy", policy),
+        ref_probs=_as_distribution("ref_probs", ref_probs),
+    )
     if (policy[ref_probs == 0] > 0).any():
         raise ValueError("policy puts mass where ref_probs has none: its log-ratio is infinite")
-    with np.errstate(invalid="ignore"):                     # 0/0 where both vanish: the reward is undetermined (nan)
+    # 0/0 where both vanish: the reward is undetermined (nan)
+    with np.errstate(invalid="ignore"):
         log_ratio = np.where(ref_probs > 0, _log(policy) - _log(ref_probs), np.nan)
     reward = beta * log_ratio
     if log_Z is not None:

@@ -16,35 +16,53 @@ def _exp_neg_abs(x):
 
 # %% ../nbs/00_preferences.ipynb #6be79434
 def sigmoid(x):
-    "Stable logistic function $\\sigma(x) = 1/(1 + e^{-x})$, elementwise, eq. (pref-stable-sigmoid)."
+    ("Stable logistic function $\\sigma(x) = 1/(1 + e^{-x})$, elementwise, eq. "
+     "(pref-stable-sigmoid).")
     x = np.asarray(x, dtype=np.float64)
     e = _exp_neg_abs(x)
     return np.where(x >= 0, 1.0, e) / (1.0 + e)
 
+
 def log_sigmoid(x):
-    "Stable $\\log\\sigma(x) = \\min(x, 0) - \\log(1 + e^{-|x|})$, elementwise, eq. (pref-stable-sigmoid)."
+    ("Stable $\\log\\sigma(x) = \\min(x, 0) - \\log(1 + e^{-|x|})$, elementwise, eq. "
+     "(pref-stable-sigmoid).")
     x = np.asarray(x, dtype=np.float64)
     return np.minimum(x, 0.0) - np.log1p(_exp_neg_abs(x))
 
+
 def bradley_terry_prob(reward_1, reward_2):
-    "Probability $p(y_1 \\succ y_2 \\mid x) = \\sigma(r_1 - r_2)$ that the first completion is preferred, eq. (pref-bt)."
+    ("Probability $p(y_1 \\succ y_2 \\mid x) = \\sigma(r_1 - r_2)$ that the first completion is "
+     "preferred, eq. (pref-bt).")
     return sigmoid(np.asarray(reward_1, dtype=np.float64) - np.asarray(reward_2, dtype=np.float64))
 
 # %% ../nbs/00_preferences.ipynb #eba2c42b
 def sample_preferences(rewards, n_pairs, rng=None, *, policy=None):
-    "Draw `n_pairs` labelled pairs of distinct completions, preferring $y_1$ with probability eq. (pref-bt); a dict of index arrays."
+    ("Draw `n_pairs` labelled pairs of distinct completions, preferring $y_1$ with probability "
+     "eq. (pref-bt); a dict of index arrays.")
     rewards = np.asarray(rewards, dtype=np.float64)
     if rewards.ndim not in (1, 2) or rewards.shape[-1] < 2 or not np.isfinite(rewards).all():
-        raise ValueError(f"rewards must be a finite array [completions] or [prompts, completions] with at least "
-                         f"two completions, got shape {rewards.shape}")
+        raise ValueError(
+            f"rewards must be a finite array [completions] or [prompts, completions] with at least "
+            f"two completions, got shape {rewards.shape}"
+        )
     if isinstance(n_pairs, bool) or not isinstance(n_pairs, (int, np.integer)) or n_pairs < 1:
         raise ValueError(f"n_pairs must be a positive integer, got {n_pairs!r}")
     rng = np.random.default_rng(rng)
     table = rewards if rewards.ndim == 2 else rewards[None]
     n_prompts, n_completions = table.shape
-    probs = np.full(table.shape, 1.0 / n_completions) if policy is None else np.broadcast_to(np.asarray(policy, dtype=np.float64), table.shape)
-    if not (np.isfinite(probs).all() and (probs >= 0).all() and np.allclose(probs.sum(-1), 1.0)) or ((probs > 0).sum(-1) < 2).any():
-        raise ValueError("policy must hold probability distributions over the completions, each with at least two possible completions")
+    probs = (
+        np.full(table.shape, 1.0 / n_completions)
+        if policy is None
+        else np.broadcast_to(np.asarray(policy, dtype=np.float64), table.shape)
+    )
+    if (
+        not (np.isfinite(probs).all() and (probs >= 0).all() and np.allclose(probs.sum(-1), 1.0))
+        or ((probs > 0).sum(-1) < 2).any()
+    ):
+        raise ValueError(
+            "policy must hold probability distributions over the completions, each with at least "
+            "two possible completions"
+        )
     prompt = rng.integers(n_prompts, size=n_pairs)
     cdf = np.cumsum(probs, axis=-1)
 
@@ -53,32 +71,58 @@ def sample_preferences(rewards, n_pairs, rng=None, *, policy=None):
         return np.minimum(picks, n_completions - 1)
 
     y1, y2 = draw(prompt), draw(prompt)
-    while (tie := y1 == y2).any():                        # identical completions carry no preference: redraw
+    # identical completions carry no preference: redraw
+    while (tie := y1 == y2).any():
         y2[tie] = draw(prompt[tie])
     first_wins = rng.random(n_pairs) < sigmoid(table[prompt, y1] - table[prompt, y2])
-    return {"prompt": prompt, "chosen": np.where(first_wins, y1, y2), "rejected": np.where(first_wins, y2, y1)}
+    return {
+        "prompt": prompt,
+        "chosen": np.where(first_wins, y1, y2),
+        "rejected": np.where(first_wins, y2, y1),
+    }
 
 # %% ../nbs/00_preferences.ipynb #beb64533
 def reward_model_nll(rewards_chosen, rewards_rejected):
-    "Bradley-Terry negative log-likelihood $-\\mathrm{mean}\\,\\log\\sigma(r_w - r_l)$, eq. (pref-rm-loss)."
+    ("Bradley-Terry negative log-likelihood $-\\mathrm{mean}\\,\\log\\sigma(r_w - r_l)$, eq. "
+     "(pref-rm-loss).")
     rewards_chosen = np.asarray(rewards_chosen, dtype=np.float64)
     rewards_rejected = np.asarray(rewards_rejected, dtype=np.float64)
     for name, a in (("rewards_chosen", rewards_chosen), ("rewards_rejected", rewards_rejected)):
         if a.size == 0 or not np.isfinite(a).all():
             raise ValueError(f"{name} must be a non-empty array of finite rewards")
     if rewards_chosen.shape != rewards_rejected.shape:
-        raise ValueError(f"rewards_rejected has shape {rewards_rejected.shape}, rewards_chosen {rewards_chosen.shape}")
+        raise ValueError(
+            f"rewards_rejected has shape {rewards_rejected.shape}, rewards_chosen "
+            f"{rewards_chosen.shape}"
+        )
     return float(-np.mean(log_sigmoid(rewards_chosen - rewards_rejected)))
 
 # %% ../nbs/00_preferences.ipynb #15412dee
-def fit_bradley_terry(chosen, rejected, n_completions, prompt=None, n_prompts=None, *, l2=0.0, max_iter=50, tol=1e-10):
-    "Maximum-likelihood tabular rewards, eq. (pref-rm-loss), by Newton's method eq. (pref-newton); mean zero per prompt."
+def fit_bradley_terry(
+    chosen, rejected, n_completions, prompt=None, n_prompts=None, *, l2=0.0, max_iter=50, tol=1e-10
+):
+    ("Maximum-likelihood tabular rewards, eq. (pref-rm-loss), by Newton's method eq. "
+     "(pref-newton); mean zero per prompt.")
     chosen, rejected, single = np.asarray(chosen), np.asarray(rejected), prompt is None
     prompt = np.zeros_like(chosen) if single else np.asarray(prompt)
     n_prompts = int(prompt.max()) + 1 if n_prompts is None else n_prompts
-    for name, a, hi in (("chosen", chosen, n_completions), ("rejected", rejected, n_completions), ("prompt", prompt, n_prompts)):
-        if a.shape != chosen.shape or a.ndim != 1 or a.size == 0 or not np.issubdtype(a.dtype, np.integer) or a.min() < 0 or a.max() >= hi:
-            raise ValueError(f"{name} must be a non-empty 1-d array of integer indices in [0, {hi}) matching chosen")
+    for name, a, hi in (
+        ("chosen", chosen, n_completions),
+        ("rejected", rejected, n_completions),
+        ("prompt", prompt, n_prompts),
+    ):
+        if (
+            a.shape != chosen.shape
+            or a.ndim != 1
+            or a.size == 0
+            or not np.issubdtype(a.dtype, np.integer)
+            or a.min() < 0
+            or a.max() >= hi
+        ):
+            raise ValueError(
+                f"{name} must be a non-empty 1-d array of integer indices in [0, {hi}) matching "
+                f"chosen"
+            )
     if l2 < 0:
         raise ValueError(f"l2 must be non-negative, got {l2}")
     size = n_prompts * n_completions
@@ -86,12 +130,14 @@ def fit_bradley_terry(chosen, rejected, n_completions, prompt=None, n_prompts=No
     gauge = np.kron(np.eye(n_prompts), np.full((n_completions, n_completions), 1.0 / n_completions))
     r = np.zeros(size)
     for _ in range(max_iter):
-        s = sigmoid(r[l] - r[w])                                        # sigma(-d_i)
+        s = sigmoid(r[l] - r[w])  # sigma(-d_i)
         grad = (np.bincount(l, s, size) - np.bincount(w, s, size)) / len(w) + l2 * r
         c = s * (1 - s) / len(w)
         hess = np.zeros((size, size))
-        np.add.at(hess, (w, w), c); np.add.at(hess, (l, l), c)
-        np.add.at(hess, (w, l), -c); np.add.at(hess, (l, w), -c)
+        np.add.at(hess, (w, w), c)
+        np.add.at(hess, (l, l), c)
+        np.add.at(hess, (w, l), -c)
+        np.add.at(hess, (l, w), -c)
         step = np.linalg.solve(hess + l2 * np.eye(size) + gauge, grad)
         r -= step
         if np.abs(step).max() < tol:
