@@ -35,7 +35,7 @@ from .scale import (DISTRIBUTED, AdaptersOffReference, Distribution, Precomputed
                            weights_digest)
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'LR_SCHEDULERS', 'ON_NONFINITE', 'TinyGRU', 'tiny_gru', 'preference_task', 'DPOConfig',
+__all__ = ['PRECISIONS', 'LR_SCHEDULERS', 'ON_NONFINITE', 'ADD_EOS', 'TinyGRU', 'tiny_gru', 'preference_task', 'DPOConfig',
            'window_denominators', 'lr_factor', 'resolve_device', 'resolve_precision', 'NonFiniteError',
            'first_nonfinite_grad', 'ModelReference', 'plan_epoch', 'DPOTrainer', 'save_train_state', 'load_train_state',
            'plot_history']
@@ -72,11 +72,14 @@ def preference_task(n, seed=0):
                           rejected=rejected))
     return pairs
 
-# %% ../nbs/06_training.ipynb #34986689
+# %% ../nbs/06_training.ipynb #c4c0768b
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 ON_NONFINITE = ("raise", "skip")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+ADD_EOS = ("auto", "always", "never")
+_ADD_EOS_ARG = {"auto": "auto", "always": True, "never": False}   # PreferenceCollator's add_eos
 
 def _f(default, help, choices=None):
     "A dataclass field with its one-line help (and its choices: a tuple, or a function giving one)."
@@ -86,7 +89,7 @@ def _f(default, help, choices=None):
 def _loss_types(): return tuple(_losses.LOSS_TYPES)     # the live registry, never a stale copy
 def _f_divergences(): return tuple(_losses.F_DIVERGENCES)
 
-# %% ../nbs/06_training.ipynb #f73913cd
+# %% ../nbs/06_training.ipynb #19e79b1c
 @dataclass
 class DPOConfig:
     "Every setting of a DPO run, flat and JSON-serialisable; validated on construction."
@@ -112,6 +115,8 @@ class DPOConfig:
     num_epochs: int = _f(1, "passes over the data when max_steps is None")
     max_length: int = _f(512, "prompt + completion tokens")
     max_prompt_length: int | None = _f(None, "prompt tokens kept (None: up to max_length)")
+    add_eos: str = _f("auto", "EOS after each completion: auto (plain text yes, chat no, as TRL),"
+                              " always or never", ADD_EOS)
     group_by_length: bool = _f(False, "batch pairs of similar length together")
     precision: str = _f("auto", "auto picks bf16 or fp16 on CUDA, else fp32", PRECISIONS)
     device: str = _f("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
@@ -171,7 +176,7 @@ def _check_loss(self: DPOConfig, bad):
     except ValueError as e:
         raise ValueError(f"DPOConfig: {e}") from None
 
-# %% ../nbs/06_training.ipynb #f54d3747
+# %% ../nbs/06_training.ipynb #314fa56c
 @patch
 def validate(self: DPOConfig):
     "Raise a `ValueError` naming the first field whose value makes no sense."
@@ -189,7 +194,7 @@ def validate(self: DPOConfig):
     for name in ("max_steps", "save_total_limit"):
         v = getattr(self, name)
         if v is not None and (not _is_int(v) or v < 1): bad(name, "must be an integer >= 1 or None")
-    for name in ("lr_scheduler", "precision", "on_nonfinite", "distributed"):
+    for name in ("lr_scheduler", "precision", "on_nonfinite", "distributed", "add_eos"):
         choices = DPOConfig.__dataclass_fields__[name].metadata["choices"]
         if getattr(self, name) not in choices: bad(name, f"must be one of {choices}")
     for name in ("precompute_ref", "fused_lm_head", "group_by_length", "disable_dropout"):
@@ -339,7 +344,7 @@ def plan_epoch(n_examples, batch_size, grad_accum_steps, *, seed=0, epoch=0, len
         windows = [order[i:i + global_bs] for i in range(0, n_examples, global_bs)]
     return [[w[j:j + batch_size] for j in range(0, len(w), batch_size)] for w in windows]
 
-# %% ../nbs/06_training.ipynb #e909a635
+# %% ../nbs/06_training.ipynb #48fd8350
 class DPOTrainer:
     "Train a causal LM with DPO: exact accumulation, mixed precision, checkpoints, exact resume."
     def __init__(self, model, ref_model=None, tokenizer=None, train_dataset=None, eval_dataset=None,
@@ -356,7 +361,8 @@ class DPOTrainer:
         self.precision, self._precision_reason = resolve_precision(cfg.precision, self.device)
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
         self.collator = PreferenceCollator(self.tokenizer, max_length=cfg.max_length,
-                                           max_prompt_length=cfg.max_prompt_length)
+                                           max_prompt_length=cfg.max_prompt_length,
+                                           add_eos=_ADD_EOS_ARG[cfg.add_eos])
         prep = self._prepare
         self.train_examples = [] if train_dataset is None else prep(train_dataset, "train_dataset")
         self.eval_examples = None if eval_dataset is None else prep(eval_dataset, "eval_dataset")

@@ -579,3 +579,20 @@ def test_tinylm_final_folder_and_umask(tmp_path):
     assert same(weights(back), weights(policy))
     for d in ("run/final", "run/checkpoint-2"):
         assert (tmp_path / d).stat().st_mode & 0o777 == 0o750, d
+
+
+def test_add_eos_reaches_the_collator():
+    "DPOConfig.add_eos picks the collator's end-of-sequence rule; a bad value names the field."
+    from dpo_lit.data import ByteTokenizer
+    from dpo_lit.train import DPOConfig, DPOTrainer
+    tok = ByteTokenizer()
+    pairs = [{"prompt": "a", "chosen": " b", "rejected": " c"}]
+    ends = {}
+    for rule in ("auto", "always", "never"):
+        t = DPOTrainer(torch.nn.Linear(1, 1), tokenizer=tok, eval_dataset=pairs,
+                       config=DPOConfig(add_eos=rule, verbose=False, progress_bar=False))
+        ex = t.collator.tokenize(pairs[0])
+        ends[rule] = ex["chosen_ids"][-1] == tok.eos_token_id
+    assert ends == {"auto": True, "always": True, "never": False}     # plain text: EOS unless never
+    with pytest.raises(ValueError, match="add_eos"):
+        DPOConfig(add_eos="sometimes")
