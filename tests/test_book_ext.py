@@ -3,6 +3,7 @@ tags at read time, their lines vanish from the displayed code, and the notebooks
 from __future__ import annotations
 
 import importlib.util
+import sys
 from types import SimpleNamespace
 
 import nbformat
@@ -17,6 +18,7 @@ EXT = ROOT / "nbs" / "_ext" / "nbdev_book.py"
 def ext():
     spec = importlib.util.spec_from_file_location("nbdev_book_under_test", EXT)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod            # dataclasses look their module up while it loads
     spec.loader.exec_module(mod)
     return mod
 
@@ -206,3 +208,13 @@ def test_kernels_draw_retina_figures(ext, monkeypatch):
     assert ROOT not in ipython_dir.parents
     config = (ipython_dir / "profile_default" / "ipython_kernel_config.py").read_text()
     assert "retina" in config
+
+
+def test_citations_in_round_brackets(ext):
+    "The book's citation style: author-year, in round brackets, several separated by semicolons."
+    from sphinxcontrib.bibtex.plugin import find_plugin
+    style = find_plugin("sphinxcontrib.bibtex.style.referencing", "author_year_round")()
+    assert (style.bracket_parenthetical.left, style.bracket_parenthetical.right) == ("(", ")")
+    assert style.bracket_parenthetical.sep == "; " and style.bracket_textual.left == "("
+    cfg = read_yaml(ROOT / "_config.yml")
+    assert cfg["sphinx"]["config"]["bibtex_reference_style"] == "author_year_round"

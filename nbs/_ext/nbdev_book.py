@@ -141,3 +141,34 @@ def setup(app):
     app.connect("build-finished", _copy_mathjax)
     app.add_css_file("dpo_lit.css")
     return {"parallel_read_safe": True, "parallel_write_safe": True}
+
+
+# Citations in round brackets, author-year: "(Rafailov et al., 2023)", "Rafailov et al. (2023)",
+# "(Rafailov et al., 2023, Theorem 1)"; sphinxcontrib-bibtex's author_year style uses square ones.
+import dataclasses  # noqa: E402
+
+from sphinxcontrib.bibtex.plugin import register_plugin  # noqa: E402
+from sphinxcontrib.bibtex.style.referencing import BracketStyle  # noqa: E402
+from sphinxcontrib.bibtex.style.referencing.author_year import AuthorYearReferenceStyle  # noqa: E402
+
+
+def _round() -> BracketStyle:
+    return BracketStyle(left="(", right=")")
+
+
+def _round_list() -> BracketStyle:
+    return BracketStyle(left="(", right=")", sep="; ")
+
+
+@dataclasses.dataclass
+class RoundAuthorYearStyle(AuthorYearReferenceStyle):
+    "Author-year citations in round brackets: (Rafailov et al., 2023; Azar et al., 2023)."
+    bracket_parenthetical: BracketStyle = dataclasses.field(default_factory=_round_list)
+    bracket_textual: BracketStyle = dataclasses.field(default_factory=_round)
+    bracket_author: BracketStyle = dataclasses.field(default_factory=_round)
+    bracket_label: BracketStyle = dataclasses.field(default_factory=_round)
+    bracket_year: BracketStyle = dataclasses.field(default_factory=_round)
+
+
+register_plugin("sphinxcontrib.bibtex.style.referencing", "author_year_round", RoundAuthorYearStyle,
+                force=True)
