@@ -161,7 +161,7 @@ def _replace_dir(src, dst):
         raise
     shutil.rmtree(old, ignore_errors=True)
 
-# %% ../nbs/05b_checkpoints.ipynb #a32e3c69
+# %% ../nbs/05b_checkpoints.ipynb #3ac1ab10
 def atomic_save_dir(path, write_fn):
     "Create folder `path` atomically: `write_fn(tmp)` fills a sibling, a manifest follows, rename."
     path = Path(path)
@@ -177,10 +177,20 @@ def atomic_save_dir(path, write_fn):
         if path.exists(): _replace_dir(tmp, path)
         else: os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
+        full = isinstance(e, Exception) and not isinstance(e, OSError) and _disk_full(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:   # torch.save reports a full disk as a RuntimeError: say what it is
+            raise OSError(errno.ENOSPC, f"no space left on the device while writing {path}",
+                          str(path)) from e
         raise
     return path
+
+
+def _disk_full(folder, margin=1 << 20):
+    "Whether the file system of `folder` has less than `margin` bytes left."
+    try: return shutil.disk_usage(folder).free < margin
+    except OSError: return False
 
 # %% ../nbs/05b_checkpoints.ipynb #f9d5e053
 def _read_manifest(path):

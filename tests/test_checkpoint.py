@@ -618,3 +618,34 @@ def test_modes_follow_the_umask(tmp_path, mask, folder, file):
         assert mode(d) == folder, (d, oct(mode(d)))
     for f in (ck / "w.bin", ck / MANIFEST, final / MANIFEST, log):
         assert mode(f) == file, (f, oct(mode(f)))
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    "A 256 KiB tmpfs, to run out of space on for real; skipped where it cannot be mounted."
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if not IS_ROOT or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                       capture_output=True)
+    if r.returncode:
+        pytest.skip(f"mount failed: {r.stderr.decode()[-200:]}")
+    try:
+        yield mnt
+    finally:
+        import gc
+        gc.collect()                                   # the failed writer's file handle
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_full_disk_is_an_oserror_that_says_so(tiny_tmpfs):
+    "torch.save reports a full disk as a RuntimeError; the save turns it into ENOSPC, cleaned up."
+    import errno
+    import torch
+    write = lambda d: torch.save(torch.zeros(200_000), d / "model.pt")   # 800 kB > 256 KiB
+    with pytest.raises(OSError) as info:
+        atomic_save_dir(tiny_tmpfs / "checkpoint-1", write)
+    assert info.value.errno == errno.ENOSPC and "no space left" in str(info.value)
+    assert "checkpoint-1" in str(info.value)
+    assert list(tiny_tmpfs.iterdir()) == []                        # nothing half-written is left
