@@ -4,7 +4,7 @@
 __all__ = ['kl_divergence', 'PreferencePairs', 'BanditProblem', 'train_tabular_policy', 'bt_mle_exists', 'asymptotic_kl',
            'frontier', 'frontier_gap', 'unweighted_loss', 'ipo_optimal_policy']
 
-# %% ../nbs/07_bandit.ipynb #102f8f0c
+# %% ../nbs/07_bandit.ipynb #56e83a9c
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +12,7 @@ import torch
 
 from .losses import LOSS_TYPES, preference_loss
 from .policy import optimal_policy
+from .scale import patch  # add methods to a class after its definition
 
 # %% ../nbs/07_bandit.ipynb #46d81acb
 def kl_divergence(p, q):
@@ -69,7 +70,7 @@ class PreferencePairs:
 # %% ../nbs/07_bandit.ipynb #2acc4942
 _SAMPLERS = ("ref", "uniform")
 
-# %% ../nbs/07_bandit.ipynb #b604971c
+# %% ../nbs/07_bandit.ipynb #e689453c
 @dataclass
 class BanditProblem:
     ("A contextual bandit: reward table `rewards[x, y]`, reference policy `ref_probs[x, y]`, "
@@ -127,76 +128,94 @@ class BanditProblem:
         "$\\pi^*_\\beta$ of eq. (bandit-optimum), one row per prompt."
         return optimal_policy(self.ref_probs, self.rewards, beta)
 
-    def sampling_probs(self, sampler="ref"):
-        ("The distribution $\\mu(y \\mid x)$ each response of a pair is drawn from: `'ref'` "
-         "($\\pi_{ref}$) or `'uniform'`.")
-        if sampler not in _SAMPLERS:
-            raise ValueError(f"sampler must be one of {_SAMPLERS}, got {sampler!r}")
-        return self.ref_probs if sampler == "ref" else np.full(self.shape, 1.0 / self.shape[1])
+# %% ../nbs/07_bandit.ipynb #00d6f156
+@patch
+def sampling_probs(self: BanditProblem, sampler="ref"):
+    ("The distribution $\\mu(y \\mid x)$ each response of a pair is drawn from: `'ref'` "
+     "($\\pi_{ref}$) or `'uniform'`.")
+    if sampler not in _SAMPLERS:
+        raise ValueError(f"sampler must be one of {_SAMPLERS}, got {sampler!r}")
+    return self.ref_probs if sampler == "ref" else np.full(self.shape, 1.0 / self.shape[1])
 
-    def pair_probs(self, sampler="ref"):
-        ("$q(y_1, y_2 \\mid x)$ of eq. (bandit-pair-probs): two independent draws from $\\mu$, "
-         "conditioned on $y_1 \\neq y_2$.")
-        mu = self.sampling_probs(sampler)
-        q = mu[:, :, None] * mu[:, None, :] * (1.0 - np.eye(self.shape[1]))
-        return q / q.sum((1, 2), keepdims=True)
 
-    def win_probs(self, deterministic=False):
-        "$p^*(y_1 \\succ y_2 \\mid x)$, eq. (bandit-bt), or its deterministic limit; 1/2 on ties."
-        d = self.rewards[:, :, None] - self.rewards[:, None, :]
-        if deterministic:
-            return np.where(d > 0, 1.0, np.where(d < 0, 0.0, 0.5))
-        return 0.5 * (1.0 + np.tanh(d / 2))  # sigma(d), without overflow
+@patch
+def pair_probs(self: BanditProblem, sampler="ref"):
+    ("$q(y_1, y_2 \\mid x)$ of eq. (bandit-pair-probs): two independent draws from $\\mu$, "
+     "conditioned on $y_1 \\neq y_2$.")
+    mu = self.sampling_probs(sampler)
+    q = mu[:, :, None] * mu[:, None, :] * (1.0 - np.eye(self.shape[1]))
+    return q / q.sum((1, 2), keepdims=True)
 
-    def sample_pairs(self, n, *, sampler="ref", deterministic=False, seed=0):
-        "`n` labelled pairs: $x \\sim \\nu$, $(y_1, y_2) \\sim q$, then the label drawn from $p^*$."
-        if int(n) != n or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
-        rng = np.random.default_rng(seed)
-        P, K = self.shape
-        joint = self.prompt_probs[:, None, None] * self.pair_probs(sampler)
-        x, y1, y2 = np.unravel_index(rng.choice(P * K * K, size=int(n), p=joint.ravel()), (P, K, K))
-        first_wins = rng.random(int(n)) < self.win_probs(deterministic)[x, y1, y2]
-        return PreferencePairs(x, np.where(first_wins, y1, y2), np.where(first_wins, y2, y1))
 
-    def population_pairs(self, *, sampler="ref", deterministic=False):
-        ("Every labelled pair once, weighted by its probability $\\nu(x)\\,2q(y_w, y_l \\mid "
-         "x)\\,p^*(y_w \\succ y_l \\mid x)$.")
-        q = self.pair_probs(sampler)
-        w = (
-            self.prompt_probs[:, None, None]
-            * (q + q.transpose(0, 2, 1))
-            * self.win_probs(deterministic)
+@patch
+def win_probs(self: BanditProblem, deterministic=False):
+    "$p^*(y_1 \\succ y_2 \\mid x)$, eq. (bandit-bt), or its deterministic limit; 1/2 on ties."
+    d = self.rewards[:, :, None] - self.rewards[:, None, :]
+    if deterministic:
+        return np.where(d > 0, 1.0, np.where(d < 0, 0.0, 0.5))
+    return 0.5 * (1.0 + np.tanh(d / 2))  # sigma(d), without overflow
+
+# %% ../nbs/07_bandit.ipynb #6f3e52a2
+@patch
+def sample_pairs(self: BanditProblem, n, *, sampler="ref", deterministic=False, seed=0):
+    "`n` labelled pairs: $x \\sim \\nu$, $(y_1, y_2) \\sim q$, then the label drawn from $p^*$."
+    if int(n) != n or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    rng = np.random.default_rng(seed)
+    P, K = self.shape
+    joint = self.prompt_probs[:, None, None] * self.pair_probs(sampler)
+    x, y1, y2 = np.unravel_index(rng.choice(P * K * K, size=int(n), p=joint.ravel()), (P, K, K))
+    first_wins = rng.random(int(n)) < self.win_probs(deterministic)[x, y1, y2]
+    return PreferencePairs(x, np.where(first_wins, y1, y2), np.where(first_wins, y2, y1))
+
+
+@patch
+def population_pairs(self: BanditProblem, *, sampler="ref", deterministic=False):
+    ("Every labelled pair once, weighted by its probability $\\nu(x)\\,2q(y_w, y_l \\mid "
+     "x)\\,p^*(y_w \\succ y_l \\mid x)$.")
+    q = self.pair_probs(sampler)
+    w = (
+        self.prompt_probs[:, None, None]
+        * (q + q.transpose(0, 2, 1))
+        * self.win_probs(deterministic)
+    )
+    x, yw, yl = np.nonzero(w > 0)
+    return PreferencePairs(x, yw, yl, w[x, yw, yl])
+
+# %% ../nbs/07_bandit.ipynb #99cf4e8f
+@patch
+def _check_probs(self: BanditProblem, probs):
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.shape[-2:] != self.shape:
+        raise ValueError(
+            f"probs must end with the problem's shape {self.shape}, got {probs.shape}"
         )
-        x, yw, yl = np.nonzero(w > 0)
-        return PreferencePairs(x, yw, yl, w[x, yw, yl])
+    return probs
 
-    def _check_probs(self, probs):
-        probs = np.asarray(probs, dtype=np.float64)
-        if probs.shape[-2:] != self.shape:
-            raise ValueError(
-                f"probs must end with the problem's shape {self.shape}, got {probs.shape}"
-            )
-        return probs
 
-    def expected_reward(self, probs):
-        "$R(\\pi)$ of eq. (bandit-reward-kl), over any leading axes of `probs`."
-        probs = self._check_probs(probs)
-        return np.sum(self.prompt_probs * np.sum(probs * self.rewards, -1), -1)
+@patch
+def expected_reward(self: BanditProblem, probs):
+    "$R(\\pi)$ of eq. (bandit-reward-kl), over any leading axes of `probs`."
+    probs = self._check_probs(probs)
+    return np.sum(self.prompt_probs * np.sum(probs * self.rewards, -1), -1)
 
-    def kl_to_ref(self, probs):
-        ("$\\mathrm{KL}(\\pi \\| \\pi_{ref})$ of eq. (bandit-reward-kl), averaged over prompts, "
-         "over any leading axes.")
-        probs = self._check_probs(probs)
-        return np.sum(self.prompt_probs * kl_divergence(probs, self.ref_probs), -1)
 
-    def kl_from_optimum(self, probs, beta):
-        ("$\\mathrm{KL}(\\pi^*_\\beta \\| \\pi)$, averaged over prompts: how far `probs` is from "
-         "the optimum.")
-        probs = self._check_probs(probs)
-        return np.sum(self.prompt_probs * kl_divergence(self.optimal_policy(beta), probs), -1)
+@patch
+def kl_to_ref(self: BanditProblem, probs):
+    ("$\\mathrm{KL}(\\pi \\| \\pi_{ref})$ of eq. (bandit-reward-kl), averaged over prompts, "
+     "over any leading axes.")
+    probs = self._check_probs(probs)
+    return np.sum(self.prompt_probs * kl_divergence(probs, self.ref_probs), -1)
 
-# %% ../nbs/07_bandit.ipynb #e4137b19
+
+@patch
+def kl_from_optimum(self: BanditProblem, probs, beta):
+    ("$\\mathrm{KL}(\\pi^*_\\beta \\| \\pi)$, averaged over prompts: how far `probs` is from "
+     "the optimum.")
+    probs = self._check_probs(probs)
+    return np.sum(self.prompt_probs * kl_divergence(self.optimal_policy(beta), probs), -1)
+
+# %% ../nbs/07_bandit.ipynb #a6f2c032
 def _merge_pairs(pairs):
     ("Distinct `(x, chosen, rejected)` triplets of `pairs` with their summed weights, normalised "
      "to sum to 1.")
@@ -208,7 +227,76 @@ def _merge_pairs(pairs):
     w = np.bincount(inverse.ravel(), weights=pairs.weight, minlength=len(keys))
     return keys, w / w.sum()
 
-# %% ../nbs/07_bandit.ipynb #7ce02f36
+
+def _check_indices(problem, runs):
+    "A ValueError if a pair of any data set in `runs` lies outside the problem's tables."
+    P, K = problem.shape
+    for p in runs:
+        if len(p) and (
+            p.x.max() >= P
+            or p.chosen.max() >= K
+            or p.rejected.max() >= K
+            or min(p.x.min(), p.chosen.min(), p.rejected.min()) < 0
+        ):
+            raise ValueError(f"pairs index outside the problem's {P} prompts x {K} responses")
+
+
+def _pair_blocks(runs, betas):
+    ("All runs' merged triplets as tensors `(run, x, yw, yl, w)`, runs with equal beta next to "
+     "each other, and `groups`: each distinct beta with the slice of its triplets.")
+    order = np.argsort(betas, kind="stable")
+    blocks = [(i,) + _merge_pairs(runs[i]) for i in order]
+    run = torch.as_tensor(np.concatenate([np.full(len(k), i) for i, k, _ in blocks]))
+    x, yw, yl = (torch.as_tensor(np.concatenate([k[:, j] for _, k, _ in blocks])) for j in range(3))
+    w = torch.as_tensor(np.concatenate([wt for *_, wt in blocks]))
+    block_beta = np.concatenate([np.full(len(k), betas[i]) for i, k, _ in blocks])
+    groups = [
+        (b, slice(int(np.searchsorted(block_beta, b, "left")),
+                  int(np.searchsorted(block_beta, b, "right"))))
+        for b in np.unique(block_beta)
+    ]
+    return (run, x, yw, yl, w), groups
+
+# %% ../nbs/07_bandit.ipynb #f314349e
+_HISTORY = ("step", "loss", "kl_to_optimum", "kl_to_ref", "reward", "probs")
+
+
+def _per_run_loss(logp, ref_logp, pairs, groups, n_runs, loss_type, kwargs):
+    "Each run's weighted sum of per-pair losses, `[n_runs]`, for the policies `logp[run, x, y]`."
+    run, x, yw, yl, w = pairs
+    pc, pr, rc, rr = logp[run, x, yw], logp[run, x, yl], ref_logp[x, yw], ref_logp[x, yl]
+    per_pair = []
+    for b, s in groups:
+        if loss_type == "unweighted":
+            per_pair.append(unweighted_loss(pc[s], pr[s], rc[s], rr[s], beta=float(b)))
+        else:
+            per_pair.append(
+                preference_loss(
+                    pc[s], pr[s], rc[s], rr[s], beta=float(b), loss_type=loss_type, **kwargs
+                )[0]
+            )
+    return torch.zeros(n_runs, dtype=torch.float64).index_add(
+        0, run, w * torch.cat(per_pair).to(torch.float64)
+    )
+
+
+def _record(hist, t, problem, logp, per_run, star):
+    "Append step `t`'s loss, scores and tables of the policies `logp` [runs, P, K] to `hist`."
+    nu = torch.as_tensor(problem.prompt_probs)
+    ref_logp = torch.log(torch.as_tensor(problem.ref_probs))
+    with torch.no_grad():
+        probs = logp.exp()
+        hist["step"].append(t)
+        hist["loss"].append(per_run.detach().numpy().copy())
+        kl_star = ((star * (torch.log(star) - logp)).sum(-1) * nu).sum(-1)
+        hist["kl_to_optimum"].append(kl_star.numpy())
+        hist["kl_to_ref"].append(((probs * (logp - ref_logp)).sum(-1) * nu).sum(-1).numpy())
+        hist["reward"].append(
+            ((probs * torch.as_tensor(problem.rewards)).sum(-1) * nu).sum(-1).numpy()
+        )
+        hist["probs"].append(probs.numpy().copy())
+
+# %% ../nbs/07_bandit.ipynb #ea2e73d7
 def train_tabular_policy(
     problem,
     pairs,
@@ -249,7 +337,6 @@ def train_tabular_policy(
         raise ValueError(
             "steps must be a non-negative integer, lr positive and record_every a positive integer"
         )
-    P, K = problem.shape
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: extra threads only add overhead
     try:
@@ -269,76 +356,25 @@ def train_tabular_policy(
     finally:
         torch.set_num_threads(threads)
 
-# %% ../nbs/07_bandit.ipynb #e383a9f0
+# %% ../nbs/07_bandit.ipynb #e8e09314
 def _train(
     problem, runs, betas, single, loss_type, steps, lr, adam_betas, adam_eps, record_every, kwargs
 ):
     "The training loop of `train_tabular_policy`, on validated arguments."
-    P, K = problem.shape
-    for p in runs:
-        if len(p) and (
-            p.x.max() >= P
-            or p.chosen.max() >= K
-            or p.rejected.max() >= K
-            or min(p.x.min(), p.chosen.min(), p.rejected.min()) < 0
-        ):
-            raise ValueError(f"pairs index outside the problem's {P} prompts x {K} responses")
+    _check_indices(problem, runs)
     # one block of distinct triplets per run, runs with equal beta next to each other
-    order = np.argsort(betas, kind="stable")
-    blocks = [(i,) + _merge_pairs(runs[i]) for i in order]
-    run = torch.as_tensor(np.concatenate([np.full(len(k), i) for i, k, _ in blocks]))
-    x, yw, yl = (torch.as_tensor(np.concatenate([k[:, j] for _, k, _ in blocks])) for j in range(3))
-    w = torch.as_tensor(np.concatenate([wt for *_, wt in blocks]))
-    block_beta = np.concatenate([np.full(len(k), betas[i]) for i, k, _ in blocks])
-    groups = [
-        (
-            b,
-            slice(
-                int(np.searchsorted(block_beta, b, "left")),
-                int(np.searchsorted(block_beta, b, "right")),
-            ),
-        )
-        for b in np.unique(block_beta)
-    ]
-
-    R = len(runs)
-    nu = torch.as_tensor(problem.prompt_probs)
+    pairs, groups = _pair_blocks(runs, betas)
+    R, (P, K) = len(runs), problem.shape
     ref_logp = torch.log(torch.as_tensor(problem.ref_probs))
     star = torch.as_tensor(np.stack([problem.optimal_policy(b) for b in betas]))
-    log_star = torch.log(star)
     theta = ref_logp.expand(R, P, K).clone().requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=lr, betas=tuple(adam_betas), eps=adam_eps)
-    rc, rr = ref_logp[x, yw], ref_logp[x, yl]
-    hist = {k: [] for k in ("step", "loss", "kl_to_optimum", "kl_to_ref", "reward", "probs")}
+    hist = {k: [] for k in _HISTORY}
     for t in range(int(steps) + 1):
         logp = torch.log_softmax(theta, dim=-1)
-        pc, pr = logp[run, x, yw], logp[run, x, yl]
-        per_pair = []
-        for b, s in groups:
-            if loss_type == "unweighted":
-                per_pair.append(unweighted_loss(pc[s], pr[s], rc[s], rr[s], beta=float(b)))
-            else:
-                per_pair.append(
-                    preference_loss(
-                        pc[s], pr[s], rc[s], rr[s], beta=float(b), loss_type=loss_type, **kwargs
-                    )[0]
-                )
-        per_run = torch.zeros(R, dtype=torch.float64).index_add(
-            0, run, w * torch.cat(per_pair).to(torch.float64)
-        )
+        per_run = _per_run_loss(logp, ref_logp, pairs, groups, R, loss_type, kwargs)
         if t % record_every == 0 or t == steps:
-            with torch.no_grad():
-                probs = logp.exp()
-                hist["step"].append(t)
-                hist["loss"].append(per_run.detach().numpy().copy())
-                hist["kl_to_optimum"].append(
-                    ((star * (log_star - logp)).sum(-1) * nu).sum(-1).numpy()
-                )
-                hist["kl_to_ref"].append(((probs * (logp - ref_logp)).sum(-1) * nu).sum(-1).numpy())
-                hist["reward"].append(
-                    ((probs * torch.as_tensor(problem.rewards)).sum(-1) * nu).sum(-1).numpy()
-                )
-                hist["probs"].append(probs.numpy().copy())
+            _record(hist, t, problem, logp, per_run, star)
         if t == steps:
             break
         opt.zero_grad()

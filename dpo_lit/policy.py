@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-# %% ../nbs/01_optimal_policy.ipynb #8d08a833
+# %% ../nbs/01_optimal_policy.ipynb #a43d1a92
 def _check_beta(beta):
     "`beta` as a positive finite float, or a ValueError."
     if isinstance(beta, (bool, np.bool_, str, bytes)) or np.ndim(beta) != 0:
@@ -51,7 +51,7 @@ def _as_distribution(name, p):
         )
     return p
 
-
+# %% ../nbs/01_optimal_policy.ipynb #3b0977f8
 def _broadcast(**arrays):
     "Broadcast named arrays against each other, or a ValueError naming them."
     try:
