@@ -89,7 +89,7 @@ def _f(default, help, choices=None):
 def _loss_types(): return tuple(_losses.LOSS_TYPES)     # the live registry, never a stale copy
 def _f_divergences(): return tuple(_losses.F_DIVERGENCES)
 
-# %% ../nbs/06_training.ipynb #19e79b1c
+# %% ../nbs/06_training.ipynb #b2d7ef32
 @dataclass
 class DPOConfig:
     "Every setting of a DPO run, flat and JSON-serialisable; validated on construction."
@@ -116,7 +116,7 @@ class DPOConfig:
     max_length: int = _f(512, "prompt + completion tokens")
     max_prompt_length: int | None = _f(None, "prompt tokens kept (None: up to max_length)")
     add_eos: str = _f("auto", "EOS after each completion: auto (plain text yes, chat no, as TRL),"
-                              " always or never", ADD_EOS)
+                              " always, never", ADD_EOS)
     group_by_length: bool = _f(False, "batch pairs of similar length together")
     precision: str = _f("auto", "auto picks bf16 or fp16 on CUDA, else fp32", PRECISIONS)
     device: str = _f("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
@@ -141,10 +141,6 @@ class DPOConfig:
 
     def __post_init__(self): self.validate()
 
-    def to_dict(self):
-        "The configuration as a plain dict (JSON/YAML-ready)."
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, d):
         "A validated configuration from a dict; unknown keys are a `ValueError` naming them."
@@ -152,11 +148,16 @@ class DPOConfig:
         if unknown: raise ValueError(f"DPOConfig has no field(s) {', '.join(unknown)}")
         return cls(**d)
 
-# %% ../nbs/06_training.ipynb #9d512088
+# %% ../nbs/06_training.ipynb #f6d428f8
 def _is_int(v): return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 def _is_num(v):
     return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
             and math.isfinite(v))
+
+@patch
+def to_dict(self: DPOConfig):
+    "The configuration as a plain dict (JSON/YAML-ready)."
+    return dataclasses.asdict(self)
 
 @patch
 def _check_loss(self: DPOConfig, bad):
@@ -227,9 +228,9 @@ def window_denominators(batches):
                  for b in batches)
     return pairs, tokens
 
-# %% ../nbs/06_training.ipynb #2465abd9
+# %% ../nbs/06_training.ipynb #58bcdd4a
 def lr_factor(step, *, scheduler="linear", warmup_steps=0, total_steps=1):
-    "Multiplier of the base learning rate at optimizer step `step` (from 0), eq-train-lr."
+    "Multiplier of the base learning rate at optimizer step `step` (from 0): eq. (eq-train-lr)."
     if scheduler not in LR_SCHEDULERS:
         raise ValueError(f"scheduler must be one of {LR_SCHEDULERS}, got {scheduler!r}")
     if step < warmup_steps: return (step + 1) / warmup_steps
@@ -514,7 +515,7 @@ def _plan(self: DPOTrainer, epoch):
         self._plan_cache = (epoch, self.dist.shard(plan, cfg.batch_size))
     return self._plan_cache[1]
 
-# %% ../nbs/06_training.ipynb #3569f7eb
+# %% ../nbs/06_training.ipynb #cf594482
 @patch
 def _window_denominators(self: DPOTrainer, batches):
     "Pairs and chosen tokens of the window; distributed: the global ones over the number of ranks."
@@ -526,7 +527,7 @@ def _window_denominators(self: DPOTrainer, batches):
 
 @patch
 def _loss(self: DPOTrainer, out, ref, n_pairs, n_tokens):
-    "A micro-batch's share of eq-train-accum, and its per-pair rewards."
+    "A micro-batch's share of eq. (eq-train-accum), and its per-pair rewards."
     cfg = self.config
     losses, cr, rr = preference_loss(
         out["chosen_logps"], out["rejected_logps"], ref["chosen_logps"], ref["rejected_logps"],
@@ -540,7 +541,7 @@ def _loss(self: DPOTrainer, out, ref, n_pairs, n_tokens):
 
 @patch
 def _window(self: DPOTrainer, batches, n_pairs, n_tokens, backward):
-    "Run micro-batches; backpropagate each one's share of eq-train-accum if asked; the metrics."
+    "Run micro-batches; backpropagate each one's share of eq. (eq-train-accum) if asked; metrics."
     parts = {k: [] for k in ("loss", "nll", "cr", "rr", "pc", "pr")}
     for j, batch in enumerate(batches):
         with self.dist.sync_context(last=j == len(batches) - 1):
@@ -619,10 +620,10 @@ def _train_step(self: DPOTrainer, window):
     self._rng_at_step_start = None
     return row
 
-# %% ../nbs/06_training.ipynb #85bea7be
+# %% ../nbs/06_training.ipynb #ca7c8860
 @patch
 def _describe(self: DPOTrainer):
-    "One line on where and how the run goes."
+    "Three lines on where and how the run goes: device and precision, reference, plan."
     cfg, W = self.config, self.dist.world_size
     n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
     ref = {"copy": "frozen copy of the starting policy", "given": "given model",
@@ -631,8 +632,9 @@ def _describe(self: DPOTrainer):
         ref = ("the starting policy" if self.ref_kind == "copy" else ref)
         ref += ", log-probs precomputed"
     ranks = f" on {W} ranks ({self.dist.strategy})" if W > 1 else ""
-    return (f"DPOTrainer: {self.device}, {self.precision} ({self._precision_reason}); "
-            f"{n:,} trainable parameters; reference: {ref}; {self.total_steps} steps of "
+    return (f"DPOTrainer: {self.device}, {self.precision} ({self._precision_reason})\n"
+            f"  reference: {ref}\n"
+            f"  plan: {n:,} trainable parameters, {self.total_steps} steps of "
             f"{cfg.batch_size}x{cfg.grad_accum_steps} pairs{ranks}")
 
 _SUMMARY_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
