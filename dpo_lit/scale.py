@@ -21,8 +21,8 @@ from .logprobs import concatenated_forward, unwrap_model
 __all__ = ['REF_CACHE_VERSION', 'DISTRIBUTED', 'patch', 'tokenizer_signature', 'weights_digest', 'examples_digest',
            'reference_fingerprint', 'precompute_reference_logps', 'cached_reference_logps', 'release_memory',
            'PrecomputedReference', 'precompute_table', 'is_peft_model', 'require_peft', 'add_lora', 'adapters_disabled',
-           'AdaptersOffReference', 'dist_info', 'init_distributed', 'shard_window', 'all_reduce_sum', 'barrier',
-           'fsdp_wrap', 'Distribution']
+           'LiveReference', 'AdaptersOffReference', 'dist_info', 'init_distributed', 'shard_window', 'all_reduce_sum',
+           'barrier', 'fsdp_wrap', 'Distribution']
 
 # %% ../nbs/06b_scale.ipynb #2effb69a
 def patch(f):
@@ -218,8 +218,18 @@ def adapters_disabled(model):
     finally:
         model.train(was)
 
-# %% ../nbs/06b_scale.ipynb #082eda7f
-class AdaptersOffReference:
+# %% ../nbs/06b_scale.ipynb #de396c01
+class LiveReference:
+    "A reference computed by forward passes (`logps`), which can also fill a table once."
+
+    def precompute(self, examples, indices=None, progress=False, desc="reference log-probs"):
+        "A table of every example's reference log-probs (the examples are not modified)."
+        c, r = precompute_reference_logps(self.logps, examples, self.collate, indices=indices,
+                                          batch_size=self.batch_size, progress=progress, desc=desc)
+        return {"chosen_logps": c, "rejected_logps": r}
+
+
+class AdaptersOffReference(LiveReference):
     "The reference of a peft policy: the policy itself with its adapters switched off."
     kind = "adapters off"
     def __init__(self, policy, *, collate, autocast=contextlib.nullcontext, fused=False,
@@ -235,12 +245,6 @@ class AdaptersOffReference:
         "Reference log-probs of a collated batch: the base weights only, in eval mode."
         with self.autocast(), adapters_disabled(self.policy):
             return concatenated_forward(self.policy, batch, fused=self.fused)
-
-    def precompute(self, examples, indices=None, progress=False, desc="reference log-probs"):
-        "A table of every example's reference log-probs (the examples are not modified)."
-        c, r = precompute_reference_logps(self.logps, examples, self.collate, indices=indices,
-                                          batch_size=self.batch_size, progress=progress, desc=desc)
-        return {"chosen_logps": c, "rejected_logps": r}
 
     def release(self):
         "Nothing to free: the reference is the policy's own frozen base weights."

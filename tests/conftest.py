@@ -96,3 +96,13 @@ def ragged_pairs(n, seed=0):
     "Ragged pairs: after 'V:' vowels beat digits, after 'D:' the reverse (the chapters' task)."
     from dpo_lit.train import preference_task
     return preference_task(n, seed)
+
+
+@pytest.fixture
+def one_torch_thread():
+    "Run a test with one torch thread (tiny models are fastest so), then restore the count."
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -21,12 +21,7 @@ from conftest import NBS, ROOT  # noqa: E402
 SAMPLE = NBS / "data" / P.SAMPLE
 
 
-@pytest.fixture(autouse=True)
-def few_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_config(rng):
