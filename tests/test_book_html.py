@@ -44,8 +44,7 @@ CODE_COLUMN = 100          # characters a code block shows without scrolling sid
 ALLOWLIST: dict[str, set[str]] = {
     "typed_numbers": set(),
     "internal_labels": set(),
-    # printed output wider than the column: tables of the GPU-check plan, run logs, a warning
-    "code_width": {"nbs/07_bandit", "nbs/10_pretrained", "nbs/10b_gpu_check", "nbs/11_online"},
+    "code_width": set(),
     "figures": set(),
     "citations": set(),
 }
@@ -260,3 +259,42 @@ def test_typed_number_rule(html, bad):
 ])
 def test_typed_citation_rule(html, bad):
     assert bool(TYPED_CITATION.search(_rule_text(html))) is bad
+
+
+@pytest.mark.browser
+def test_no_empty_general_index():
+    "The book builds no general index page (the API reference lists every public name instead)."
+    article(PAGES[0])                                   # the book is built (else skip or fail)
+    assert not (BOOK / "genindex.html").exists(), "genindex.html is built: an empty index page"
+    assert "genindex.html" not in html_path(PAGES[0]).read_text(encoding="utf-8")
+
+
+@pytest.mark.browser
+def test_every_internal_link_lands():
+    "Every relative link of every page reaches a built file and, with a #fragment, an element there."
+    from urllib.parse import unquote, urlsplit
+    ids: dict[Path, set[str]] = {}
+
+    def targets(path: Path) -> set[str]:
+        if path not in ids:
+            soup = bs4().BeautifulSoup(path.read_text(encoding="utf-8"), "html.parser")
+            ids[path] = {t["id"] for t in soup.select("[id]")} | {a["name"] for a in
+                                                                   soup.select("a[name]")}
+        return ids[path]
+
+    broken = []
+    for doc in PAGES:
+        page = html_path(doc)
+        node = article(doc)
+        for a in node.select("a[href]"):
+            href = a["href"]
+            parts = urlsplit(href)
+            if parts.scheme or href.startswith(("mailto:", "//")):
+                continue                                        # external: not checked offline
+            target = (page.parent / unquote(parts.path)).resolve() if parts.path else page
+            if not target.is_file():
+                broken.append(f"{doc}: {href} (no file)")
+            elif parts.fragment and target.suffix == ".html" and \
+                    unquote(parts.fragment) not in targets(target):
+                broken.append(f"{doc}: {href} (no #{parts.fragment} there)")
+    assert not broken, f"{len(broken)} broken link(s): {broken[:10]}"
