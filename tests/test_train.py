@@ -17,13 +17,7 @@ from dpo_lit.train import (DPOConfig, DPOTrainer, NonFiniteError, TinyGRU, list_
 from conftest import need, ragged_pairs as pairs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "Tiny models run fastest (and steadiest on a busy machine) on one thread."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tiny models: one thread
 
 
 def model(seed=0, **kw):
