@@ -36,9 +36,10 @@ from .scale import (DISTRIBUTED, AdaptersOffReference, Distribution, LiveReferen
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'LR_SCHEDULERS', 'ON_NONFINITE', 'ADD_EOS', 'TinyGRU', 'tiny_gru', 'preference_task', 'DPOConfig',
-           'window_denominators', 'lr_factor', 'resolve_device', 'resolve_precision', 'NonFiniteError',
-           'first_nonfinite_grad', 'ModelReference', 'plan_epoch', 'DPOTrainer', 'save_train_state', 'load_train_state',
-           'plot_history']
+           'window_denominators', 'lr_factor', 'make_optimizer', 'resolve_device', 'resolve_precision',
+           'NonFiniteError', 'first_nonfinite_grad', 'ModelReference', 'plan_epoch', 'RunLog', 'run_summary',
+           'summary_lines', 'DPOTrainer', 'prepare_examples', 'reference_source', 'save_train_state',
+           'load_train_state', 'save_policy', 'plot_history']
 
 # %% ../nbs/06_training.ipynb #8eeaaa68
 class TinyGRU(nn.Module):
@@ -239,6 +240,21 @@ def lr_factor(step, *, scheduler="linear", warmup_steps=0, total_steps=1):
     if scheduler == "linear": return max(0.0, 1.0 - p)
     return 0.5 * (1.0 + math.cos(math.pi * min(p, 1.0)))
 
+# %% ../nbs/06_training.ipynb #4a968239
+def make_optimizer(model, config, total_steps):
+    "AdamW over `model`'s trainable parameters (decay on matrices only), and its schedule."
+    cfg = config
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params: raise ValueError("the model has no trainable parameters")
+    groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=cfg.weight_decay),
+              dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        lr_factor, scheduler=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,
+        total_steps=total_steps))
+    return optimizer, scheduler
+
 # %% ../nbs/06_training.ipynb #01c51f68
 def resolve_device(device="auto"):
     "The `torch.device` that `device` names; 'auto' picks CUDA, then MPS, then CPU."
@@ -339,7 +355,65 @@ def plan_epoch(n_examples, batch_size, grad_accum_steps, *, seed=0, epoch=0, len
         windows = [order[i:i + global_bs] for i in range(0, n_examples, global_bs)]
     return [[w[j:j + batch_size] for j in range(0, len(w), batch_size)] for w in windows]
 
-# %% ../nbs/06_training.ipynb #48fd8350
+# %% ../nbs/06_training.ipynb #ab0fbcde
+class RunLog:
+    "Where a run reports, on the main process: a progress bar, metrics.jsonl and the trackers."
+    def __init__(self, config, *, total, initial=0, main=True):
+        self.config, self.main, self.trackers = config, main, None
+        self.bar = _tqdm()(total=total, initial=initial, desc="DPO", dynamic_ncols=True,
+                           mininterval=1.0, disable=not (config.progress_bar and main))
+        if main and config.report_to:      # the same rows as metrics.jsonl
+            from dpo_lit.tracking import make_trackers
+            self.trackers = make_trackers(config.report_to, output_dir=config.output_dir,
+                                          config=config)
+
+    def write(self, row):
+        "Append `row` to output_dir/metrics.jsonl and send it to the trackers."
+        if not self.main: return
+        if self.config.output_dir:
+            with open(make_dir(self.config.output_dir) / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({k: _to_json(v) for k, v in row.items()}) + "\n")
+        if self.trackers is not None: self.trackers.log(row, step=row["step"])
+
+    def step(self, row, last=False):
+        "A finished step: its row written every `logging_steps` steps and at the last; bar + 1."
+        if row["step"] % self.config.logging_steps == 0 or last:
+            self.write(row)
+            if "loss" in row:
+                self.bar.set_postfix(loss=f"{row['loss']:.4f}",
+                                     acc=f"{row['rewards/accuracies']:.2f}",
+                                     tok_s=f"{row['tokens_per_second']:.0f}", refresh=False)
+        self.bar.update(1)
+
+    def close(self):
+        self.bar.close()
+        if self.trackers is not None: self.trackers.close()
+
+# %% ../nbs/06_training.ipynb #48ed8cbc
+_SUMMARY_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+
+def run_summary(history, state, start, seconds):
+    "A finished run in numbers: steps, time, first and last metrics, mean tokens per second."
+    rows = [r for r in history if not r.get("skipped") and "loss" in r]
+    s = dict(steps=state["step"], steps_this_run=state["step"] - start, seconds=seconds,
+             skipped_steps=state["skipped_steps"])
+    if rows:
+        for k in _SUMMARY_KEYS: s[k] = (rows[0][k], rows[-1][k])
+        recent = rows[-(s["steps_this_run"] or 1):]
+        s["tokens_per_second"] = float(np.mean([r["tokens_per_second"] for r in recent]))
+    return s
+
+def summary_lines(s):
+    "The lines a run prints at its end, from `run_summary` (plus 'eval' if there is one)."
+    lines = [f"DPO: {s['steps_this_run']} steps in {s['seconds']:.1f} s "
+             f"({s['tokens_per_second']:,.0f} tokens/s), {s['skipped_steps']} skipped"]
+    lines += [f"  {k:<20}{s[k][0]:>10.4f} -> {s[k][1]:.4f}" for k in _SUMMARY_KEYS]
+    if "eval" in s:
+        lines.append("  eval: " + ", ".join(f"{k} {s['eval'][k]:.4f}" for k in
+                                            ("loss", "rewards/accuracies", "rewards/margins")))
+    return "\n".join(lines)
+
+# %% ../nbs/06_training.ipynb #819a5903
 class DPOTrainer:
     "Train a causal LM with DPO: exact accumulation, mixed precision, checkpoints, exact resume."
     def __init__(self, model, ref_model=None, tokenizer=None, train_dataset=None, eval_dataset=None,
@@ -350,7 +424,9 @@ class DPOTrainer:
         if cfg.output_dir: check_output_dir(cfg.output_dir)
         if ref_model is model:
             raise ValueError("ref_model must not be the policy itself: pass None for a frozen copy")
+        self.source = train_dataset if hasattr(train_dataset, "next_pairs") else None
         self.dist = Distribution(cfg.distributed)      # under torchrun: join the process group
+        if self.source is not None: _check_source(cfg, self.dist)
         if cfg.fused_lm_head: _check_fused(self.dist, model, ref_model)
         self.device = self.dist.place(resolve_device(cfg.device))
         self.precision, self._precision_reason = resolve_precision(cfg.precision, self.device)
@@ -358,9 +434,10 @@ class DPOTrainer:
         self.collator = PreferenceCollator(self.tokenizer, max_length=cfg.max_length,
                                            max_prompt_length=cfg.max_prompt_length,
                                            add_eos=_ADD_EOS_ARG[cfg.add_eos])
-        prep = self._prepare
-        self.train_examples = [] if train_dataset is None else prep(train_dataset, "train_dataset")
-        self.eval_examples = None if eval_dataset is None else prep(eval_dataset, "eval_dataset")
+        prep = lambda d, name: None if d is None else prepare_examples(d, name, self.collator)
+        fixed = train_dataset if self.source is None else None      # a source draws its own
+        self.train_examples = prep(fixed, "train_dataset") or []
+        self.eval_examples = prep(eval_dataset, "eval_dataset")
         self.examples = self.train_examples + (self.eval_examples or [])   # train, then eval
         self.model = model.to(self.device)
         if cfg.disable_dropout: _disable_dropout(self.model)
@@ -369,9 +446,11 @@ class DPOTrainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.state = dict(step=0, epoch=0, batch=0, skipped_steps=0, seed=cfg.seed)
         self.history, self.summary, self._rng_at_step_start = [], {}, None
-        self.optimizer = self.scheduler = self._plan_cache = None
-        self.total_steps = 0
-        if self.train_examples: self._make_optimizer()
+        self.optimizer = self.scheduler = self._plan_cache = self.windows_per_epoch = None
+        if self.train_examples: self.windows_per_epoch = len(self._plan(0))
+        self.total_steps = cfg.max_steps or cfg.num_epochs * (self.windows_per_epoch or 0)
+        if self.train_examples or self.source is not None:
+            self.optimizer, self.scheduler = make_optimizer(self.model, cfg, self.total_steps)
 
     @property
     def unwrapped_model(self):
@@ -393,11 +472,34 @@ class DPOTrainer:
     is_main_process = property(lambda self: self.dist.is_main)
     world_size = property(lambda self: self.dist.world_size)
 
-# %% ../nbs/06_training.ipynb #d959380e
+# %% ../nbs/06_training.ipynb #0109d54b
 def _disable_dropout(model):
     "Set every dropout probability in `model` to zero."
     for m in model.modules():
         if isinstance(m, nn.modules.dropout._DropoutNd): m.p = 0.0
+
+def prepare_examples(dataset, name, collator):
+    "Tokenised pairs of `dataset` (records, a file, or pair dicts with ids); errors name `name`."
+    records = list(dataset) if isinstance(dataset, (list, tuple)) else None
+    if not (records and isinstance(records[0], dict) and "prompt_ids" in records[0]):
+        records = load_preferences(dataset, tokenizer=collator.tokenizer)
+    examples = [t for t in (r if "prompt_ids" in r else collator.tokenize(r) for r in records)
+                if t is not None]
+    if len(examples) < len(records):
+        warnings.warn(f"{name}: dropped {len(records) - len(examples)} of {len(records)} pairs "
+                      f"whose prompt fills max_length={collator.max_length}")
+    if not examples: raise ValueError(f"{name} has no usable preference pairs")
+    return examples
+
+def _check_source(cfg, dist):
+    "A pair source draws its pairs during the run: it needs max_steps, a live reference, 1 rank."
+    if not cfg.max_steps:
+        raise ValueError("DPOConfig.max_steps: a pair source (a train_dataset with next_pairs) "
+                         "has no epochs; set the number of optimizer steps")
+    if cfg.precompute_ref:
+        raise ValueError("DPOConfig.precompute_ref=True needs a fixed train_dataset; a pair "
+                         "source's pairs are drawn during training")
+    if dist.world_size > 1: raise ValueError("a pair source runs in one process")
 
 def _check_fused(dist, model, ref_model):
     "fused_lm_head needs an nn.Linear output layer and one process (it bypasses any wrapper)."
@@ -409,20 +511,6 @@ def _check_fused(dist, model, ref_model):
             if m is not None: _lm_head_parts(m)
         except ValueError as e:
             raise ValueError(f"DPOConfig.fused_lm_head=True: {name}: {e}") from None
-
-@patch
-def _prepare(self: DPOTrainer, dataset, name):
-    "Load and tokenise a dataset once; pairs whose prompt fills max_length are dropped and counted."
-    records = list(dataset) if isinstance(dataset, (list, tuple)) else None
-    if not (records and isinstance(records[0], dict) and "prompt_ids" in records[0]):
-        records = load_preferences(dataset, tokenizer=self.tokenizer)
-    examples = [t for t in (r if "prompt_ids" in r else self.collator.tokenize(r) for r in records)
-                if t is not None]
-    if len(examples) < len(records):
-        warnings.warn(f"{name}: dropped {len(records) - len(examples)} of {len(records)} pairs "
-                      f"whose prompt fills max_length={self.config.max_length}")
-    if not examples: raise ValueError(f"{name} has no usable preference pairs")
-    return examples
 
 @patch
 def _autocast(self: DPOTrainer):
@@ -438,25 +526,30 @@ def _batch(self: DPOTrainer, indices=None, examples=None):
     if indices is not None: batch["index"] = torch.tensor(list(indices), device=self.device)
     return batch
 
-# %% ../nbs/06_training.ipynb #d52e1269
-@patch
-def _make_reference(self: DPOTrainer, ref_model):
-    "The reference source: a given model, the policy's adapters off, a frozen copy, or a table."
-    cfg, model = self.config, self.model
-    kw = dict(collate=lambda ex: self._batch(examples=ex), autocast=self._autocast,
-              fused=cfg.fused_lm_head, batch_size=cfg.batch_size)
-    self.ref_kind = ("given" if ref_model is not None else
-                     "adapters off" if is_peft_model(model) else "copy")
-    if self.ref_kind == "given": source = ModelReference(ref_model.to(self.device), **kw)
-    elif self.ref_kind == "adapters off": source = AdaptersOffReference(model, **kw)
+# %% ../nbs/06_training.ipynb #19afce07
+def reference_source(model, ref_model, config, *, collate, autocast, device, dist):
+    "The live reference: a given model, the policy's adapters off, or a frozen copy of it."
+    cfg = config
+    kw = dict(collate=collate, autocast=autocast, fused=cfg.fused_lm_head,
+              batch_size=cfg.batch_size)
+    if ref_model is not None: source = ModelReference(ref_model.to(device), **kw)
+    elif is_peft_model(model): source = AdaptersOffReference(model, **kw)
     elif cfg.precompute_ref:      # the starting policy itself, before its first update: no copy
         source = ModelReference(model, kind="copy", owned=False, **kw)
     else: source = ModelReference(copy.deepcopy(model), kind="copy", **kw)
     if cfg.disable_dropout and source.kind != "adapters off": _disable_dropout(source.model)
-    if cfg.precompute_ref: return self._precompute(source)
-    if self.dist.strategy == "fsdp" and source.kind != "adapters off":
+    if dist.strategy == "fsdp" and source.kind != "adapters off" and not cfg.precompute_ref:
         source.model = fsdp_wrap(source.model)
     return source
+
+@patch
+def _make_reference(self: DPOTrainer, ref_model):
+    "The reference of `reference_source`, or a table of its log-probs if `precompute_ref`."
+    source = reference_source(self.model, ref_model, self.config, device=self.device,
+                              collate=lambda ex: self._batch(examples=ex),
+                              autocast=self._autocast, dist=self.dist)
+    self.ref_kind = source.kind
+    return self._precompute(source) if self.config.precompute_ref else source
 
 @patch
 def _precompute(self: DPOTrainer, source):
@@ -479,23 +572,7 @@ def _precompute(self: DPOTrainer, source):
     if live is None: source.release()
     return PrecomputedReference(table, fallback=live)
 
-# %% ../nbs/06_training.ipynb #6c362248
-@patch
-def _make_optimizer(self: DPOTrainer):
-    "AdamW (weight decay on matrices only, not on biases and norm gains) and its schedule."
-    cfg = self.config
-    params = [p for p in self.model.parameters() if p.requires_grad]
-    if not params: raise ValueError("the model has no trainable parameters")
-    groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=cfg.weight_decay),
-              dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
-    self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
-                                       betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
-    self.windows_per_epoch = len(self._plan(0))
-    self.total_steps = cfg.max_steps or cfg.num_epochs * self.windows_per_epoch
-    self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
-        lr_factor, scheduler=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,
-        total_steps=self.total_steps))
-
+# %% ../nbs/06_training.ipynb #df2ffd84
 @patch
 def _plan(self: DPOTrainer, epoch):
     "The windows of micro-batches (lists of example indices) of `epoch`, this rank's share; cached."
@@ -508,6 +585,20 @@ def _plan(self: DPOTrainer, epoch):
                           group_by_length=cfg.group_by_length)
         self._plan_cache = (epoch, self.dist.shard(plan, cfg.batch_size))
     return self._plan_cache[1]
+
+@patch
+def _next_batches(self: DPOTrainer):
+    "The next step's micro-batches, and what a pair source reports about its pairs."
+    step, bs = self.state["step"] + 1, self.config.batch_size
+    if self.source is not None:
+        t0 = time.perf_counter()
+        pairs, info = self.source.next_pairs(self, step)
+        ex = prepare_examples(pairs, f"the pairs of step {step}", self.collator)
+        batches = [self._batch(examples=ex[i:i + bs]) for i in range(0, len(ex), bs)]
+        return batches, dict(info, source_seconds=time.perf_counter() - t0)
+    while self.state["batch"] >= len(self._plan(self.state["epoch"])):
+        self.state["epoch"], self.state["batch"] = self.state["epoch"] + 1, 0
+    return [self._batch(mb) for mb in self._plan(self.state["epoch"])[self.state["batch"]]], {}
 
 # %% ../nbs/06_training.ipynb #cf594482
 @patch
@@ -558,7 +649,7 @@ def _window(self: DPOTrainer, batches, n_pairs, n_tokens, backward):
     metrics["_micro_losses"] = torch.stack(parts["loss"]).tolist()
     return metrics
 
-# %% ../nbs/06_training.ipynb #9bd003d2
+# %% ../nbs/06_training.ipynb #98606142
 @patch
 def _check_step(self: DPOTrainer, m, micro_losses, n_micro):
     "What is wrong with the step (None if nothing), and its gradient norm before clipping."
@@ -577,11 +668,9 @@ def _check_step(self: DPOTrainer, m, micro_losses, n_micro):
     return None, grad_norm
 
 @patch
-def _train_step(self: DPOTrainer, window):
-    "One optimizer step over a window (micro-batches of example indices); returns its row."
+def _train_step(self: DPOTrainer, batches):
+    "One optimizer step over a window of collated micro-batches; returns its row."
     cfg, step, t0 = self.config, self.state["step"] + 1, time.perf_counter()
-    self._rng_at_step_start = rng_state()      # what a checkpoint taken mid-step holds
-    batches = [self._batch(mb) for mb in window]
     n_pairs, n_tokens = self._window_denominators(batches)
     self.model.train()
     m = self._window(batches, n_pairs, n_tokens, backward=True)
@@ -604,17 +693,19 @@ def _train_step(self: DPOTrainer, window):
     self.state["step"], self.state["batch"] = step, self.state["batch"] + 1
     if self.device.type == "cuda": torch.cuda.synchronize(self.device)
     n_tok = sum(int(b["attention_mask"].sum()) for b in batches)
-    row = dict(step=step, epoch=self.state["epoch"] + self.state["batch"] / self.windows_per_epoch,
-               **m, grad_norm=grad_norm, lr=lr,
-               tokens_per_second=n_tok / max(time.perf_counter() - t0, 1e-9))
+    row = dict(step=step)
+    if self.windows_per_epoch:
+        row["epoch"] = self.state["epoch"] + self.state["batch"] / self.windows_per_epoch
+    seconds = time.perf_counter() - t0
+    row.update(m, grad_norm=grad_norm, lr=lr, step_seconds=seconds,
+               tokens_per_second=n_tok / max(seconds, 1e-9))
     if self.device.type == "cuda":
         row["memory/peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
     if self.scaler.is_enabled(): row["loss_scale"] = float(self.scaler.get_scale())
     if problem is not None: row["skipped"] = True
-    self._rng_at_step_start = None
     return row
 
-# %% ../nbs/06_training.ipynb #ca7c8860
+# %% ../nbs/06_training.ipynb #5e0e4694
 @patch
 def _describe(self: DPOTrainer):
     "Three lines on where and how the run goes: device and precision, reference, plan."
@@ -626,46 +717,23 @@ def _describe(self: DPOTrainer):
         ref = ("the starting policy" if self.ref_kind == "copy" else ref)
         ref += ", log-probs precomputed"
     ranks = f" on {W} ranks ({self.dist.strategy})" if W > 1 else ""
+    pairs = (f"{cfg.batch_size}x{cfg.grad_accum_steps} pairs" if self.source is None
+             else f"pairs drawn by {type(self.source).__name__}")
     return (f"DPOTrainer: {self.device}, {self.precision} ({self._precision_reason})\n"
             f"  reference: {ref}\n"
-            f"  plan: {n:,} trainable parameters, {self.total_steps} steps of "
-            f"{cfg.batch_size}x{cfg.grad_accum_steps} pairs{ranks}")
-
-_SUMMARY_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+            f"  plan: {n:,} trainable parameters, {self.total_steps} steps of {pairs}{ranks}")
 
 @patch
 def _summarise(self: DPOTrainer, seconds, start):
-    "Fill `self.summary` and print it."
-    rows = [r for r in self.history if not r.get("skipped")]
-    s = dict(steps=self.state["step"], steps_this_run=self.state["step"] - start, seconds=seconds,
-             skipped_steps=self.state["skipped_steps"], device=str(self.device),
-             precision=self.precision)
-    if rows:
-        for k in _SUMMARY_KEYS: s[k] = (rows[0][k], rows[-1][k])
-        recent = rows[-(s["steps_this_run"] or 1):]
-        s["tokens_per_second"] = float(np.mean([r["tokens_per_second"] for r in recent]))
+    "Fill `self.summary` (with the last evaluation, or a new one) and print it."
+    s = run_summary(self.history, self.state, start, seconds)
+    s.update(device=str(self.device), precision=self.precision)
     if self.eval_examples:
-        last = self.history[-1:] if self.history and "eval_loss" in self.history[-1] else []
-        s["eval"] = ({k[5:]: v for k, v in last[0].items() if k.startswith("eval_")} if last
-                     else self.evaluate())
+        last = self.history[-1] if self.history else {}
+        s["eval"] = ({k[5:]: v for k, v in last.items() if k.startswith("eval_")}
+                     if "eval_loss" in last else self.evaluate())
     self.summary = s
-    if self.config.verbose and self.dist.is_main and rows:
-        lines = [f"DPO: {s['steps_this_run']} steps in {seconds:.1f} s "
-                 f"({s['tokens_per_second']:,.0f} tokens/s), {s['skipped_steps']} skipped"]
-        lines += [f"  {k:<20}{s[k][0]:>10.4f} -> {s[k][1]:.4f}" for k in _SUMMARY_KEYS]
-        if "eval" in s:
-            lines.append("  eval: " + ", ".join(f"{k} {s['eval'][k]:.4f}" for k in
-                                                ("loss", "rewards/accuracies", "rewards/margins")))
-        print("\n".join(lines))
-
-@patch
-def _log(self: DPOTrainer, row):
-    "Append a row to output_dir/metrics.jsonl and to the trackers (main process only)."
-    if not self.dist.is_main: return
-    if self.config.output_dir:
-        with open(make_dir(self.config.output_dir) / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({k: _to_json(v) for k, v in row.items()}) + "\n")
-    if getattr(self, "_trackers", None) is not None: self._trackers.log(row, step=row["step"])
+    if self.config.verbose and self.dist.is_main and "loss" in s: print(summary_lines(s))
 
 # %% ../nbs/06_training.ipynb #fe1a0fb1
 def save_train_state(path, model_sd, state):
@@ -728,34 +796,41 @@ def load_checkpoint(self: DPOTrainer, path):
     self.history = list(ts["history"])
     return path
 
-# %% ../nbs/06_training.ipynb #52619de7
-@patch
-def save(self: DPOTrainer, path):
-    "Save the policy atomically (rank 0) so that its own loader reads it, plus dpo_config.json."
-    model, tok = self.unwrapped_model, self.tokenizer
-    full = self.dist.full_state_dicts(self.model)[0] if self.dist.strategy == "fsdp" else None
+# %% ../nbs/06_training.ipynb #9ffd46f6
+def save_policy(model, path, *, tokenizer=None, config=None, state_dict=None):
+    "Write `model` atomically to folder `path` so that its own loader reads it (+ its config)."
+    sd = state_dict                              # the full weights, where FSDP shards them
     def write(tmp):
         if hasattr(model, "save_pretrained"):   # transformers, peft (the adapter), TinyLM
             takes_sd = "state_dict" in inspect.signature(model.save_pretrained).parameters
-            if full is not None and takes_sd: model.save_pretrained(tmp, state_dict=full)
+            if sd is not None and takes_sd: model.save_pretrained(tmp, state_dict=sd)
             else:
                 model.save_pretrained(tmp)
-                if full is not None: torch.save(full, tmp / "model.pt")
-            if hasattr(tok, "save_pretrained"): tok.save_pretrained(tmp)   # + chat template
+                if sd is not None: torch.save(sd, tmp / "model.pt")
+            if hasattr(tokenizer, "save_pretrained"): tokenizer.save_pretrained(tmp)  # + template
         else:
-            torch.save(full if full is not None else model.state_dict(), tmp / "model.pt")
-        (tmp / "dpo_config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+            torch.save(sd if sd is not None else model.state_dict(), tmp / "model.pt")
+        if config is not None:
+            (tmp / "dpo_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    return atomic_save_dir(path, write)
+
+@patch
+def save(self: DPOTrainer, path):
+    "Save the policy with `save_policy` from rank 0 (full weights under FSDP); the folder."
+    full = self.dist.full_state_dicts(self.model)[0] if self.dist.strategy == "fsdp" else None
     self.dist.barrier()
-    if self.dist.is_main: atomic_save_dir(path, write)
+    if self.dist.is_main:
+        save_policy(self.unwrapped_model, path, tokenizer=self.tokenizer, config=self.config,
+                    state_dict=full)
     self.dist.barrier()
     return Path(path)
 
-# %% ../nbs/06_training.ipynb #fef193b7
+# %% ../nbs/06_training.ipynb #734db45a
 @patch
 def train(self: DPOTrainer, resume_from=None):
     "Train to `max_steps` (or `num_epochs`), resuming from a checkpoint if given; the history."
     cfg, main = self.config, self.dist.is_main
-    if not self.train_examples: raise ValueError("train needs a train_dataset")
+    if self.optimizer is None: raise ValueError("train needs a train_dataset")
     if resume_from is not None: self.load_checkpoint(resume_from)
     self.dist.barrier()                 # every rank is set up (its folder probes are done)
     if cfg.output_dir and main:
@@ -763,28 +838,17 @@ def train(self: DPOTrainer, resume_from=None):
         trim_jsonl(Path(cfg.output_dir) / "metrics.jsonl", self.state["step"])   # each step once
     if cfg.verbose and main: print(self._describe())
     t0, start, saved = time.perf_counter(), self.state["step"], None
-    bar = _tqdm()(total=self.total_steps, initial=start, desc="DPO", dynamic_ncols=True,
-                  mininterval=1.0, disable=not (cfg.progress_bar and main))
-    self._trackers = None
-    if main and cfg.report_to:       # the same rows as metrics.jsonl, from the main process
-        from dpo_lit.tracking import make_trackers
-        self._trackers = make_trackers(cfg.report_to, output_dir=cfg.output_dir, config=cfg)
+    log = RunLog(cfg, total=self.total_steps, initial=start, main=main)
     try:
         while self.state["step"] < self.total_steps:
-            plan = self._plan(self.state["epoch"])
-            if self.state["batch"] >= len(plan):
-                self.state["epoch"], self.state["batch"] = self.state["epoch"] + 1, 0
-                continue
-            row = self._train_step(plan[self.state["batch"]])
-            step = row["step"]
+            self._rng_at_step_start = rng_state()      # what a checkpoint taken mid-step holds
+            batches, info = self._next_batches()
+            row = {**self._train_step(batches), **info}
+            self._rng_at_step_start, step = None, row["step"]
             if cfg.eval_steps and self.eval_examples and step % cfg.eval_steps == 0:
                 row.update({f"eval_{k}": v for k, v in self.evaluate().items()})
             self.history.append(row)
-            if step % cfg.logging_steps == 0 or step == self.total_steps:
-                self._log(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}",
-                                tok_s=f"{row['tokens_per_second']:.0f}", refresh=False)
-            bar.update(1)
+            log.step(row, last=step == self.total_steps)
             if cfg.save_steps and step % cfg.save_steps == 0: saved = self.save_checkpoint()
     except KeyboardInterrupt:
         self.optimizer.zero_grad(set_to_none=True)
@@ -794,8 +858,7 @@ def train(self: DPOTrainer, resume_from=None):
             print(f"interrupted: saved {saved} (step {self.state['step']})")
         raise
     finally:
-        bar.close()
-        if self._trackers is not None: self._trackers.close()
+        log.close()
     step = self.state["step"]
     if cfg.output_dir and step > start:
         if saved is None or saved.name != f"checkpoint-{step}": self.save_checkpoint()
@@ -803,7 +866,7 @@ def train(self: DPOTrainer, resume_from=None):
     self._summarise(time.perf_counter() - t0, start)
     return self.history
 
-# %% ../nbs/06_training.ipynb #27f29a70
+# %% ../nbs/06_training.ipynb #48ff75cb
 @patch
 def evaluate(self: DPOTrainer, eval_dataset=None):
     "The step metrics (loss, rewards, accuracies, log-probs) on the eval set, without gradients."
@@ -812,7 +875,7 @@ def evaluate(self: DPOTrainer, eval_dataset=None):
         n = len(self.train_examples)
         index, examples = list(range(n, n + len(self.eval_examples))), None
     else:
-        examples = self._prepare(eval_dataset, "eval_dataset")
+        examples = prepare_examples(eval_dataset, "eval_dataset", self.collator)
         index = None
     n_ex = len(index) if index is not None else len(examples)
     bs, W, was_training = self.config.batch_size, self.dist.world_size, self.model.training

@@ -136,6 +136,67 @@ def test_online_run_is_reproducible_and_counts_ties():
     assert not torch.equal(runs[0][0], TabularPolicy(problem.ref_probs).theta.detach())
 
 
+class JudgeInterrupt:
+    "A reward judge that raises KeyboardInterrupt at its n-th call (Ctrl-C while judging)."
+
+    def __init__(self, n):
+        self.n, self.calls, self.__name__ = n, 0, "judge_interrupt"
+
+    def __call__(self, prompts, completions):
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+        return true_reward(prompts, completions)
+
+
+def run_online(folder, *, judge=true_reward, resume=None, steps=4):
+    policy = tiny_lm()
+    cfg = DPOConfig(beta=0.1, learning_rate=3e-3, batch_size=4, save_steps=2, max_length=16,
+                    seed=3, device="cpu", output_dir=str(folder), progress_bar=False,
+                    verbose=False, disable_dropout=False)
+    hist = online_dpo(policy, None, prompts_for, judge, steps=steps, config=cfg, tokenizer=TOK,
+                      seed=5, temperature=1.0, resume_from=resume, **GEN)
+    return policy, hist
+
+
+@pytest.mark.parametrize("cut_at", [2, 3])
+def test_online_resume_is_bit_exact(tmp_path, cut_at):
+    "Ctrl-C while judging step `cut_at`, resumed from 'latest': the same samples and weights."
+    whole, whole_hist = run_online(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        run_online(tmp_path / "cut", judge=JudgeInterrupt(cut_at))
+    saved = sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*"))
+    assert saved == [f"checkpoint-{cut_at - 1}"]           # the step before the one cut
+    resumed, hist = run_online(tmp_path / "cut", resume="latest")
+    assert same(resumed, whole)
+    keys = ("loss", "pairs", "ties", "mean_length", "mean_score", "judged_pairs")
+    assert [[r[k] for k in keys] for r in hist] == [[r[k] for k in keys] for r in whole_hist]
+    rows = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]          # each step logged once
+    assert not same(resumed, tiny_lm())
+
+
+def test_online_source_errors_name_the_problem():
+    "A pair source needs max_steps and a live reference; all-tie draws stop naming the step."
+    from dpo_lit.online import OnlinePairs
+    from dpo_lit.train import DPOTrainer
+    src = OnlinePairs(prompts_for, true_reward, **GEN)
+    cfg = DPOConfig(max_length=16, device="cpu", progress_bar=False, verbose=False)
+    with pytest.raises(ValueError, match="max_steps"):
+        DPOTrainer(tiny_lm(), tokenizer=TOK, train_dataset=src, config=cfg)
+    with pytest.raises(ValueError, match="precompute_ref"):
+        DPOTrainer(tiny_lm(), tokenizer=TOK, train_dataset=src,
+                   config=dataclasses.replace(cfg, max_steps=2, precompute_ref=True))
+    with pytest.raises(ValueError, match="max_draws"):
+        OnlinePairs(prompts_for, true_reward, max_draws=0)
+    with pytest.raises(TypeError, match="prompt_fn"):
+        OnlinePairs([[1, 2]], true_reward)
+    # greedy sampling: both completions of a prompt are the same, so every pair is a tie
+    with pytest.raises(ValueError, match="step 1: every judged pair was a tie in 2 draws"):
+        online_dpo(tiny_lm(), None, prompts_for, true_reward, steps=2, config=cfg, tokenizer=TOK,
+                   temperature=0.0, max_draws=2, **GEN)
+
+
 def gpt2(seed=0):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
