@@ -27,7 +27,7 @@ __all__ = ['PAIR_MODES', 'LABEL_MODES', 'JUDGE_KINDS', 'BANDIT_TOKENIZER', 'samp
            'judged_pairs', 'OnlinePairs', 'online_dpo', 'TabularPolicy', 'bandit_prompts', 'bandit_judge',
            'bandit_pair_dicts', 'iterative_dpo']
 
-# %% ../nbs/11_online.ipynb #f20b4746
+# %% ../nbs/11_online.ipynb #92d67dc1
 def _as_id_lists(prompts, name="prompts"):
     "Prompts as a list of non-empty lists of ints, or a ValueError naming `name`."
     out = [[int(t) for t in p] for p in prompts]
@@ -70,12 +70,10 @@ def sample_completions(model, prompts, k, *, max_new_tokens, temperature=1.0, to
             flat = _hf_sample(model, prompts, k, max_new_tokens, temperature, top_p, top_k,
                               eos_token_id, pad_token_id, seed)
         else:
-            if top_p is not None and top_p < 1:
-                raise ValueError("top_p: dpo_lit.toy.generate samples with temperature and "
-                                 "top_k only; pass top_p=None")
             flat = generate(model, [p for p in prompts for _ in range(k)], max_new_tokens,
-                            temperature=temperature, top_k=top_k, eos_token_id=eos_token_id,
-                            pad_token_id=pad_token_id, seed=seed, batch_size=batch_size)
+                            temperature=temperature, top_k=top_k, top_p=top_p,
+                            eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
+                            batch_size=batch_size)
     finally:
         model.train(was)
     return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]

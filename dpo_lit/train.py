@@ -37,9 +37,9 @@ from .scale import (DISTRIBUTED, AdaptersOffReference, Distribution, LiveReferen
 # %% auto #0
 __all__ = ['PRECISIONS', 'LR_SCHEDULERS', 'ON_NONFINITE', 'ADD_EOS', 'TinyGRU', 'tiny_gru', 'preference_task', 'DPOConfig',
            'window_denominators', 'lr_factor', 'make_optimizer', 'resolve_device', 'resolve_precision',
-           'NonFiniteError', 'first_nonfinite_grad', 'ModelReference', 'plan_epoch', 'RunLog', 'run_summary',
-           'summary_lines', 'DPOTrainer', 'prepare_examples', 'reference_source', 'save_train_state',
-           'load_train_state', 'save_policy', 'plot_history']
+           'NonFiniteError', 'first_nonfinite_grad', 'check_step', 'ModelReference', 'plan_epoch', 'RunLog',
+           'run_summary', 'summary_lines', 'DPOTrainer', 'prepare_examples', 'reference_source',
+           'precomputed_reference', 'save_train_state', 'load_train_state', 'save_policy', 'plot_history']
 
 # %% ../nbs/06_training.ipynb #8eeaaa68
 class TinyGRU(nn.Module):
@@ -284,7 +284,7 @@ def resolve_precision(precision, device):
         return "bf16", "auto: the GPU supports bfloat16"
     return "fp16", "auto: the GPU lacks bfloat16, fp16 with dynamic loss scaling"
 
-# %% ../nbs/06_training.ipynb #1477bf06
+# %% ../nbs/06_training.ipynb #fda5394c
 class NonFiniteError(FloatingPointError):
     "A step made a non-finite loss or gradient; `.step` is the step, the message names the tensor."
     def __init__(self, message, step=None):
@@ -296,6 +296,22 @@ def first_nonfinite_grad(model):
     for name, p in model.named_parameters():
         if p.grad is not None and not torch.isfinite(p.grad).all(): return name
     return None
+
+def check_step(loss, micro_losses, *, model, optimizer, scaler, dist, max_grad_norm=None):
+    "What is wrong with a step (None if nothing), and its gradient norm before clipping; clips."
+    if not math.isfinite(loss):
+        j = next((i for i, l in enumerate(micro_losses) if not math.isfinite(l)), 0)
+        n = len(micro_losses)
+        return f"non-finite loss ({micro_losses[j]}) in micro-batch {j + 1} of {n}", float("nan")
+    scaler.unscale_(optimizer)
+    grad_norm = dist.grad_norm(model)
+    if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16: the scaler's business
+        name = first_nonfinite_grad(dist.unwrap(model))
+        return f"non-finite gradient (grad norm {grad_norm}) of parameter '{name}'", grad_norm
+    if math.isfinite(grad_norm) and max_grad_norm:
+        params = [p for p in model.parameters() if p.grad is not None]
+        nn.utils.clip_grad_norm_(params, max_grad_norm)
+    return None, grad_norm
 
 # %% ../nbs/06_training.ipynb #7d991792
 class ModelReference(LiveReference):
@@ -526,7 +542,7 @@ def _batch(self: DPOTrainer, indices=None, examples=None):
     if indices is not None: batch["index"] = torch.tensor(list(indices), device=self.device)
     return batch
 
-# %% ../nbs/06_training.ipynb #19afce07
+# %% ../nbs/06_training.ipynb #44ab32a0
 def reference_source(model, ref_model, config, *, collate, autocast, device, dist):
     "The live reference: a given model, the policy's adapters off, or a frozen copy of it."
     cfg = config
@@ -549,28 +565,28 @@ def _make_reference(self: DPOTrainer, ref_model):
                               collate=lambda ex: self._batch(examples=ex),
                               autocast=self._autocast, dist=self.dist)
     self.ref_kind = source.kind
-    return self._precompute(source) if self.config.precompute_ref else source
+    if not self.config.precompute_ref: return source
+    sets = [("train", self.train_examples), ("eval", self.eval_examples)]
+    return precomputed_reference(source, sets, config=self.config, tokenizer=self.tokenizer,
+                                 precision=self.precision, device=self.device, dist=self.dist)
 
-@patch
-def _precompute(self: DPOTrainer, source):
-    "A table of the reference log-probs of every train and eval pair (cached), then release."
-    cfg = self.config
-    skip = (lambda n: "lora_" in n) if self.ref_kind == "adapters off" else None
-    digest = weights_digest(source.model if self.ref_kind == "given" else self.model, skip=skip)
+def precomputed_reference(source, example_sets, *, config, tokenizer, precision, device, dist):
+    "A table of `source`'s log-probs over named example sets (cached on disk); model released."
+    cfg, adapters = config, source.kind == "adapters off"
+    model = source.policy if adapters else source.model
+    digest = weights_digest(model, skip=(lambda n: "lora_" in n) if adapters else None)
     out = cfg.output_dir
     cache = cfg.ref_cache_dir or (str(Path(out) / "reference_cache") if out else None)
     # fused_lm_head is not in the key: fused and plain log-probs agree to float32 rounding,
     # like two batch shapes of the same kernels, so either setting may reuse the other's cache
-    key = lambda ex: reference_fingerprint(ex, self.tokenizer, digest, max_length=cfg.max_length,
+    key = lambda ex: reference_fingerprint(ex, tokenizer, digest, max_length=cfg.max_length,
                                            max_prompt_length=cfg.max_prompt_length,
-                                           precision=self.precision)
-    log = print if cfg.verbose and self.dist.is_main else (lambda *a: None)
-    table = precompute_table(source, [("train", self.train_examples), ("eval", self.eval_examples)],
-                             fingerprint=key, cache_dir=cache, dist=self.dist, device=self.device,
-                             progress=cfg.progress_bar, log=log)
-    live = source if self.ref_kind == "adapters off" else None     # costs nothing: kept
-    if live is None: source.release()
-    return PrecomputedReference(table, fallback=live)
+                                           precision=precision)
+    log = print if cfg.verbose and dist.is_main else (lambda *a: None)
+    table = precompute_table(source, example_sets, fingerprint=key, cache_dir=cache, dist=dist,
+                             device=device, progress=cfg.progress_bar, log=log)
+    if not adapters: source.release()               # adapters off costs nothing: kept
+    return PrecomputedReference(table, fallback=source if adapters else None)
 
 # %% ../nbs/06_training.ipynb #df2ffd84
 @patch
@@ -649,24 +665,7 @@ def _window(self: DPOTrainer, batches, n_pairs, n_tokens, backward):
     metrics["_micro_losses"] = torch.stack(parts["loss"]).tolist()
     return metrics
 
-# %% ../nbs/06_training.ipynb #98606142
-@patch
-def _check_step(self: DPOTrainer, m, micro_losses, n_micro):
-    "What is wrong with the step (None if nothing), and its gradient norm before clipping."
-    if not math.isfinite(m["loss"]):
-        j = next((i for i, l in enumerate(micro_losses) if not math.isfinite(l)), 0)
-        why = f"non-finite loss ({micro_losses[j]}) in micro-batch {j + 1} of {n_micro}"
-        return why, float("nan")
-    self.scaler.unscale_(self.optimizer)
-    grad_norm = self.dist.grad_norm(self.model)
-    if not math.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16: the scaler's business
-        name = first_nonfinite_grad(self.unwrapped_model)
-        return f"non-finite gradient (grad norm {grad_norm}) of parameter '{name}'", grad_norm
-    if math.isfinite(grad_norm) and self.config.max_grad_norm:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-    return None, grad_norm
-
+# %% ../nbs/06_training.ipynb #b150a363
 @patch
 def _train_step(self: DPOTrainer, batches):
     "One optimizer step over a window of collated micro-batches; returns its row."
@@ -674,7 +673,9 @@ def _train_step(self: DPOTrainer, batches):
     n_pairs, n_tokens = self._window_denominators(batches)
     self.model.train()
     m = self._window(batches, n_pairs, n_tokens, backward=True)
-    problem, grad_norm = self._check_step(m, m.pop("_micro_losses"), len(batches))
+    problem, grad_norm = check_step(m["loss"], m.pop("_micro_losses"), model=self.model,
+                                    optimizer=self.optimizer, scaler=self.scaler, dist=self.dist,
+                                    max_grad_norm=cfg.max_grad_norm)
     if problem is not None:
         self.optimizer.zero_grad(set_to_none=True)
         if cfg.on_nonfinite == "raise":

@@ -236,6 +236,16 @@ def test_sampling_temperature_zero_is_greedy():
     assert all(r[0] == r[1] for r in ys)
 
 
+def test_tiny_lm_top_p_keeps_the_nucleus():
+    "A nucleus of mass 1e-6 holds only the most probable token: greedy decoding, through the cache."
+    model = tiny_lm(3)
+    xs = LANG.sample(8, seed=4)[0].tolist()
+    greedy = sample_completions(model, xs, 2, temperature=0, **GEN)
+    assert sample_completions(model, xs, 2, top_p=1e-6, seed=9, **GEN) == greedy
+    wide = sample_completions(model, xs * 8, 2, top_p=0.95, seed=9, **GEN)
+    assert any(a != b for a, b in wide)                 # a wide nucleus does sample
+
+
 def test_bad_judges_name_judge_prompt_and_problem():
     xs = LANG.sample(3, seed=1)[0].tolist()
     ys = sample_completions(tiny_lm(), xs, 2, seed=1, **GEN)
