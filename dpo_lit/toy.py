@@ -405,7 +405,7 @@ def _use_cache(model, use_cache):
         raise ValueError(f"use_cache: {type(model).__name__} has no key-value cache path")
     return able if use_cache is None else bool(use_cache)
 
-# %% ../nbs/08_tiny_lm.ipynb #efe3b137
+# %% ../nbs/08_tiny_lm.ipynb #6a729970
 @torch.no_grad()
 def generate(model, prompts_ids, max_new_tokens, temperature=1.0, top_k=None, batch_size=256,
              eos_token_id=None, pad_token_id=0, seed=0, return_logps=False, top_p=None,

@@ -342,9 +342,11 @@ class ModelReference(LiveReference):
         self.model = None
         release_memory(device)
 
-# %% ../nbs/06_training.ipynb #161bcfde
+# %% ../nbs/06_training.ipynb #f819bb81
 _METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                 "rewards/margins", "logps/chosen", "logps/rejected", "nll_loss")
+_ROW_KEYS = {"step", "epoch", *_METRIC_KEYS, "grad_norm", "lr", "step_seconds", "skipped",
+             "tokens_per_second", "memory/peak_gb", "loss_scale", "source_seconds"}
 
 def _tqdm():
     "tqdm.auto's progress bar, without its warning where notebook widgets are missing."
@@ -354,7 +356,8 @@ def _tqdm():
     return tqdm
 
 def _to_json(v):
-    "A metric value as JSON allows it (NaN and infinities become null)."
+    "A metric value as JSON allows it (NumPy scalars as Python's; NaN and infinities as null)."
+    if isinstance(v, np.generic): v = v.item()
     return v if not isinstance(v, float) or math.isfinite(v) else None
 
 def plan_epoch(n_examples, batch_size, grad_accum_steps, *, seed=0, epoch=0, lengths=None,
@@ -429,7 +432,7 @@ def summary_lines(s):
                                             ("loss", "rewards/accuracies", "rewards/margins")))
     return "\n".join(lines)
 
-# %% ../nbs/06_training.ipynb #819a5903
+# %% ../nbs/06_training.ipynb #c34ae535
 class DPOTrainer:
     "Train a causal LM with DPO: exact accumulation, mixed precision, checkpoints, exact resume."
     def __init__(self, model, ref_model=None, tokenizer=None, train_dataset=None, eval_dataset=None,
@@ -461,7 +464,7 @@ class DPOTrainer:
         self.model = self.dist.wrap(self.model, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.state = dict(step=0, epoch=0, batch=0, skipped_steps=0, seed=cfg.seed)
-        self.history, self.summary, self._rng_at_step_start = [], {}, None
+        self.history, self.summary, self._rng_at_step_start, self._applied = [], {}, None, None
         self.optimizer = self.scheduler = self._plan_cache = self.windows_per_epoch = None
         if self.train_examples: self.windows_per_epoch = len(self._plan(0))
         self.total_steps = cfg.max_steps or cfg.num_epochs * (self.windows_per_epoch or 0)
@@ -488,7 +491,7 @@ class DPOTrainer:
     is_main_process = property(lambda self: self.dist.is_main)
     world_size = property(lambda self: self.dist.world_size)
 
-# %% ../nbs/06_training.ipynb #0109d54b
+# %% ../nbs/06_training.ipynb #d811d18f
 def _disable_dropout(model):
     "Set every dropout probability in `model` to zero."
     for m in model.modules():
@@ -497,8 +500,10 @@ def _disable_dropout(model):
 def prepare_examples(dataset, name, collator):
     "Tokenised pairs of `dataset` (records, a file, or pair dicts with ids); errors name `name`."
     records = list(dataset) if isinstance(dataset, (list, tuple)) else None
+    if records == []: raise ValueError(f"{name} is empty: no preference pairs")
     if not (records and isinstance(records[0], dict) and "prompt_ids" in records[0]):
-        records = load_preferences(dataset, tokenizer=collator.tokenizer)
+        try: records = load_preferences(dataset, tokenizer=collator.tokenizer)
+        except ValueError as e: raise ValueError(f"{name}: {e}") from None
     examples = [t for t in (r if "prompt_ids" in r else collator.tokenize(r) for r in records)
                 if t is not None]
     if len(examples) < len(records):
@@ -506,16 +511,6 @@ def prepare_examples(dataset, name, collator):
                       f"whose prompt fills max_length={collator.max_length}")
     if not examples: raise ValueError(f"{name} has no usable preference pairs")
     return examples
-
-def _check_source(cfg, dist):
-    "A pair source draws its pairs during the run: it needs max_steps, a live reference, 1 rank."
-    if not cfg.max_steps:
-        raise ValueError("DPOConfig.max_steps: a pair source (a train_dataset with next_pairs) "
-                         "has no epochs; set the number of optimizer steps")
-    if cfg.precompute_ref:
-        raise ValueError("DPOConfig.precompute_ref=True needs a fixed train_dataset; a pair "
-                         "source's pairs are drawn during training")
-    if dist.world_size > 1: raise ValueError("a pair source runs in one process")
 
 def _check_fused(dist, model, ref_model):
     "fused_lm_head needs an nn.Linear output layer and one process (it bypasses any wrapper)."
@@ -588,7 +583,7 @@ def precomputed_reference(source, example_sets, *, config, tokenizer, precision,
     if not adapters: source.release()               # adapters off costs nothing: kept
     return PrecomputedReference(table, fallback=source if adapters else None)
 
-# %% ../nbs/06_training.ipynb #df2ffd84
+# %% ../nbs/06_training.ipynb #06143193
 @patch
 def _plan(self: DPOTrainer, epoch):
     "The windows of micro-batches (lists of example indices) of `epoch`, this rank's share; cached."
@@ -607,8 +602,15 @@ def _next_batches(self: DPOTrainer):
     "The next step's micro-batches, and what a pair source reports about its pairs."
     step, bs = self.state["step"] + 1, self.config.batch_size
     if self.source is not None:
-        t0 = time.perf_counter()
-        pairs, info = self.source.next_pairs(self, step)
+        t0, name = time.perf_counter(), type(self.source).__name__
+        got = self.source.next_pairs(self, step)
+        if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[1], dict)):
+            raise TypeError(f"train_dataset: {name}.next_pairs must return (pairs, a dict of "
+                            f"numbers), got {type(got).__name__}")
+        pairs, info = got
+        clash = sorted(k for k in info if k in _ROW_KEYS or k.startswith("eval_"))
+        if clash: raise ValueError(f"train_dataset: {name}.next_pairs reports {clash}, names "
+                                   "the trainer's rows use; rename them")
         ex = prepare_examples(pairs, f"the pairs of step {step}", self.collator)
         batches = [self._batch(examples=ex[i:i + bs]) for i in range(0, len(ex), bs)]
         return batches, dict(info, source_seconds=time.perf_counter() - t0)
@@ -665,11 +667,12 @@ def _window(self: DPOTrainer, batches, n_pairs, n_tokens, backward):
     metrics["_micro_losses"] = torch.stack(parts["loss"]).tolist()
     return metrics
 
-# %% ../nbs/06_training.ipynb #b150a363
+# %% ../nbs/06_training.ipynb #ad98d832
 @patch
 def _train_step(self: DPOTrainer, batches):
     "One optimizer step over a window of collated micro-batches; returns its row."
     cfg, step, t0 = self.config, self.state["step"] + 1, time.perf_counter()
+    self._applied = None                        # set once the update is done
     n_pairs, n_tokens = self._window_denominators(batches)
     self.model.train()
     m = self._window(batches, n_pairs, n_tokens, backward=True)
@@ -684,14 +687,15 @@ def _train_step(self: DPOTrainer, batches):
                 f"step {step}: {problem}. No update was applied: the model holds the weights after "
                 f"step {step - 1}" + (f"; last checkpoint: {last[0]}" if last else "")
                 + ". Pass on_nonfinite='skip' to skip such steps.", step=step)
+        self._applied = step
         self.state["skipped_steps"] += 1
     else:
         self.scaler.step(self.optimizer)     # under fp16 the scaler skips a step that overflowed
+        self._applied = step
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
     lr = self.scheduler.get_last_lr()[0]
-    self.scheduler.step()
-    self.state["step"], self.state["batch"] = step, self.state["batch"] + 1
+    self._finish_step(step)
     if self.device.type == "cuda": torch.cuda.synchronize(self.device)
     n_tok = sum(int(b["attention_mask"].sum()) for b in batches)
     row = dict(step=step)
@@ -705,6 +709,13 @@ def _train_step(self: DPOTrainer, batches):
     if self.scaler.is_enabled(): row["loss_scale"] = float(self.scaler.get_scale())
     if problem is not None: row["skipped"] = True
     return row
+
+@patch
+def _finish_step(self: DPOTrainer, step):
+    "Count step `step` as done, once: the schedule moves on and so do the counters."
+    if self.state["step"] >= step: return
+    if self.scheduler.last_epoch < step: self.scheduler.step()
+    self.state["step"], self.state["batch"] = step, self.state["batch"] + 1
 
 # %% ../nbs/06_training.ipynb #5e0e4694
 @patch
@@ -826,47 +837,6 @@ def save(self: DPOTrainer, path):
     self.dist.barrier()
     return Path(path)
 
-# %% ../nbs/06_training.ipynb #734db45a
-@patch
-def train(self: DPOTrainer, resume_from=None):
-    "Train to `max_steps` (or `num_epochs`), resuming from a checkpoint if given; the history."
-    cfg, main = self.config, self.dist.is_main
-    if self.optimizer is None: raise ValueError("train needs a train_dataset")
-    if resume_from is not None: self.load_checkpoint(resume_from)
-    self.dist.barrier()                 # every rank is set up (its folder probes are done)
-    if cfg.output_dir and main:
-        clean_partial_saves(cfg.output_dir)
-        trim_jsonl(Path(cfg.output_dir) / "metrics.jsonl", self.state["step"])   # each step once
-    if cfg.verbose and main: print(self._describe())
-    t0, start, saved = time.perf_counter(), self.state["step"], None
-    log = RunLog(cfg, total=self.total_steps, initial=start, main=main)
-    try:
-        while self.state["step"] < self.total_steps:
-            self._rng_at_step_start = rng_state()      # what a checkpoint taken mid-step holds
-            batches, info = self._next_batches()
-            row = {**self._train_step(batches), **info}
-            self._rng_at_step_start, step = None, row["step"]
-            if cfg.eval_steps and self.eval_examples and step % cfg.eval_steps == 0:
-                row.update({f"eval_{k}": v for k, v in self.evaluate().items()})
-            self.history.append(row)
-            log.step(row, last=step == self.total_steps)
-            if cfg.save_steps and step % cfg.save_steps == 0: saved = self.save_checkpoint()
-    except KeyboardInterrupt:
-        self.optimizer.zero_grad(set_to_none=True)
-        if self._rng_at_step_start is not None: set_rng_state(self._rng_at_step_start)
-        if cfg.output_dir and main and self.dist.strategy != "fsdp":
-            saved = self.save_checkpoint(sync=False)
-            print(f"interrupted: saved {saved} (step {self.state['step']})")
-        raise
-    finally:
-        log.close()
-    step = self.state["step"]
-    if cfg.output_dir and step > start:
-        if saved is None or saved.name != f"checkpoint-{step}": self.save_checkpoint()
-        self.save(Path(cfg.output_dir) / "final")
-    self._summarise(time.perf_counter() - t0, start)
-    return self.history
-
 # %% ../nbs/06_training.ipynb #48ff75cb
 @patch
 def evaluate(self: DPOTrainer, eval_dataset=None):
@@ -894,6 +864,70 @@ def evaluate(self: DPOTrainer, eval_dataset=None):
         self.model.train(was_training)
     m.pop("_micro_losses")
     return m
+
+# %% ../nbs/06_training.ipynb #0f630e6f
+@patch
+def train(self: DPOTrainer, resume_from=None):
+    "Train to `max_steps` (or `num_epochs`), resuming from a checkpoint if given; the history."
+    cfg, main = self.config, self.dist.is_main
+    if self.optimizer is None: raise ValueError("train needs a train_dataset")
+    if resume_from is not None: self.load_checkpoint(resume_from)
+    self.dist.barrier()                 # every rank is set up (its folder probes are done)
+    if cfg.output_dir and main:
+        clean_partial_saves(cfg.output_dir)
+        trim_jsonl(Path(cfg.output_dir) / "metrics.jsonl", self.state["step"])   # each step once
+    if cfg.verbose and main: print(self._describe())
+    t0, start, saved = time.perf_counter(), self.state["step"], None
+    log, pending = RunLog(cfg, total=self.total_steps, initial=start, main=main), None
+    try:
+        while self.state["step"] < self.total_steps:
+            self._rng_at_step_start = rng_state()      # what a checkpoint taken mid-step holds
+            batches, info = self._next_batches()
+            row = self._train_step(batches)
+            row.update(info)
+            self.history.append(row)                   # the step is done, and its row with it
+            self._rng_at_step_start, pending, step = None, row, row["step"]
+            if cfg.eval_steps and self.eval_examples and step % cfg.eval_steps == 0:
+                row.update({f"eval_{k}": v for k, v in self.evaluate().items()})
+            log.step(row, last=step == self.total_steps)
+            pending = None
+            if cfg.save_steps and step % cfg.save_steps == 0: saved = self.save_checkpoint()
+    except KeyboardInterrupt:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._applied == self.state["step"] + 1: self._finish_step(self._applied)  # updated
+        elif self._rng_at_step_start is not None: set_rng_state(self._rng_at_step_start)
+        if pending is not None:                        # its row, as the whole run logs it
+            log.step(pending, last=pending["step"] == self.total_steps)
+        if cfg.output_dir and main and self.dist.strategy != "fsdp":
+            saved = self.save_checkpoint(sync=False)
+            print(f"interrupted: saved {saved} (step {self.state['step']})")
+        raise
+    finally:
+        log.close()
+    step = self.state["step"]
+    if cfg.output_dir and step > start:
+        if saved is None or saved.name != f"checkpoint-{step}": self.save_checkpoint()
+        self.save(Path(cfg.output_dir) / "final")
+    self._summarise(time.perf_counter() - t0, start)
+    return self.history
+
+# %% ../nbs/06_training.ipynb #2f26855a
+def _check_source(cfg, dist):
+    "A pair source draws its pairs during the run: it needs max_steps, a live reference, 1 rank."
+    if not cfg.max_steps:
+        raise ValueError("DPOConfig.max_steps: a pair source (a train_dataset with next_pairs) "
+                         "has no epochs; set the number of optimizer steps")
+    if cfg.precompute_ref:
+        raise ValueError("DPOConfig.precompute_ref=True needs a fixed train_dataset; a pair "
+                         "source's pairs are drawn during training")
+    for name, default in (("grad_accum_steps", 1), ("group_by_length", False)):
+        if getattr(cfg, name) != default:
+            raise ValueError(f"DPOConfig.{name}={getattr(cfg, name)!r}: a pair source's step is "
+                             f"all the pairs it draws, in micro-batches of batch_size; leave "
+                             f"{name} at {default!r}")
+    if dist.world_size > 1:
+        raise ValueError(f"train_dataset: a pair source runs in one process, got world_size="
+                         f"{dist.world_size}")
 
 # %% ../nbs/06_training.ipynb #9f103f72
 def plot_history(history, *, figsize=(9, 5.5)):

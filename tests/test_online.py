@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -150,7 +151,8 @@ class JudgeInterrupt:
 
 
 def run_online(folder, *, judge=true_reward, resume=None, steps=4):
-    policy = tiny_lm()
+    torch.manual_seed(0)
+    policy = TinyLM.from_config(vocab_size=TOK.vocab_size, dropout=0.1)   # steps draw masks
     cfg = DPOConfig(beta=0.1, learning_rate=3e-3, batch_size=4, save_steps=2, max_length=16,
                     seed=3, device="cpu", output_dir=str(folder), progress_bar=False,
                     verbose=False, disable_dropout=False)
@@ -176,6 +178,44 @@ def test_online_resume_is_bit_exact(tmp_path, cut_at):
     assert not same(resumed, tiny_lm())
 
 
+def test_online_resume_needs_the_rng_restored(tmp_path, monkeypatch):
+    "The check above can fail: a checkpoint without the random state resumes elsewhere."
+    import dpo_lit.train as train
+    whole, _ = run_online(tmp_path / "whole")
+    run_online(tmp_path / "cut", steps=2)
+    monkeypatch.setattr(train, "set_rng_state", lambda state: None)   # forget the saved RNG
+    torch.manual_seed(99)
+    resumed, _ = run_online(tmp_path / "cut", resume="latest")
+    assert not same(resumed, whole)
+
+
+class Source:
+    "A pair source returning `out(pairs)` each step."
+
+    def __init__(self, out):
+        self.out = out
+
+    def next_pairs(self, trainer, step):
+        ys = sample_completions(trainer.unwrapped_model, prompts_for(step)[:4], 2, seed=step, **GEN)
+        pairs = [dict(prompt_ids=x, chosen_ids=y[0], rejected_ids=y[1])
+                 for x, y in zip(prompts_for(step)[:4], ys)]
+        return self.out(pairs)
+
+
+@pytest.mark.parametrize("out, error, message", [
+    (lambda p: p, TypeError, "train_dataset: Source.next_pairs must return (pairs, a dict"),
+    (lambda p: (p, {"loss": 1.0}), ValueError, "reports ['loss'], names the trainer's rows use"),
+    (lambda p: ([], {}), ValueError, "the pairs of step 1 is empty"),
+])
+def test_bad_pair_sources_are_named(out, error, message):
+    from dpo_lit.train import DPOTrainer
+    cfg = DPOConfig(max_length=16, max_steps=2, device="cpu", progress_bar=False, verbose=False)
+    t = DPOTrainer(tiny_lm(), tokenizer=TOK, train_dataset=Source(out), config=cfg)
+    with pytest.raises(error, match=re.escape(message)):
+        t.train()
+    assert t.state["step"] == 0
+
+
 def test_online_source_errors_name_the_problem():
     "A pair source needs max_steps and a live reference; all-tie draws stop naming the step."
     from dpo_lit.online import OnlinePairs
@@ -187,10 +227,21 @@ def test_online_source_errors_name_the_problem():
     with pytest.raises(ValueError, match="precompute_ref"):
         DPOTrainer(tiny_lm(), tokenizer=TOK, train_dataset=src,
                    config=dataclasses.replace(cfg, max_steps=2, precompute_ref=True))
+    with pytest.raises(ValueError, match="DPOConfig.grad_accum_steps=2: a pair source's step"):
+        DPOTrainer(tiny_lm(), tokenizer=TOK, train_dataset=src,
+                   config=dataclasses.replace(cfg, max_steps=2, grad_accum_steps=2))
+    with pytest.raises(ValueError, match="train_dataset is empty"):
+        DPOTrainer(tiny_lm(), tokenizer=TOK, train_dataset=[], config=cfg)
+    with pytest.raises(ValueError, match="k: expected an integer >= 2"):
+        OnlinePairs(prompts_for, true_reward, k=1, **GEN)
+    with pytest.raises(TypeError, match=re.escape("unknown sampling argument(s) ['eval_dataset']")):
+        OnlinePairs(prompts_for, true_reward, eval_dataset=[], **GEN)
+    with pytest.raises(TypeError, match="max_new_tokens: OnlinePairs needs"):
+        OnlinePairs(prompts_for, true_reward)
     with pytest.raises(ValueError, match="max_draws"):
-        OnlinePairs(prompts_for, true_reward, max_draws=0)
+        OnlinePairs(prompts_for, true_reward, max_draws=0, **GEN)
     with pytest.raises(TypeError, match="prompt_fn"):
-        OnlinePairs([[1, 2]], true_reward)
+        OnlinePairs([[1, 2]], true_reward, **GEN)
     # greedy sampling: both completions of a prompt are the same, so every pair is a tie
     with pytest.raises(ValueError, match="step 1: every judged pair was a tie in 2 draws"):
         online_dpo(tiny_lm(), None, prompts_for, true_reward, steps=2, config=cfg, tokenizer=TOK,

@@ -162,6 +162,54 @@ def test_keyboard_interrupt_saves_then_resume_latest(tmp_path):
     assert losses(t2.history) == losses(straight.history)
 
 
+@pytest.mark.parametrize("where", ["evaluate", "after the update", "logging"])
+def test_interrupt_between_update_and_log_resumes_exactly(tmp_path, monkeypatch, where):
+    "Ctrl-C after step 3's update (in the schedule step, in evaluate, in the log): same run."
+    c = cfg(max_steps=6, eval_steps=3, output_dir=str(tmp_path / "cut"), disable_dropout=False)
+    kw = dict(train_dataset=DATA[:40], eval_dataset=DATA[40:])
+    straight = DPOTrainer(model(0, dropout=0.2), config=dataclasses.replace(c, output_dir=None),
+                          **kw)
+    straight.train()
+    t = DPOTrainer(model(0, dropout=0.2), config=c, **kw)
+    fired = []
+    def fire(step):
+        if step == 3 and not fired:
+            fired.append(step)
+            raise KeyboardInterrupt
+    if where == "evaluate":
+        real = DPOTrainer.evaluate
+        def evaluate(self, dataset=None):
+            fire(self.state["step"])
+            return real(self, dataset)
+        monkeypatch.setattr(DPOTrainer, "evaluate", evaluate)
+    elif where == "after the update":
+        lr_class = type(t.scheduler)
+        real_step = lr_class.step
+        def step(self, *a):
+            fire(self.last_epoch + 1)
+            return real_step(self, *a)
+        monkeypatch.setattr(lr_class, "step", step)
+    else:
+        real_log = train_mod.RunLog.step
+        def log_step(self, row, last=False):
+            fire(row["step"])
+            return real_log(self, row, last)
+        monkeypatch.setattr(train_mod.RunLog, "step", log_step)
+    with pytest.raises(KeyboardInterrupt):
+        t.train()
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["checkpoint-3"]
+    t2 = DPOTrainer(model(0, dropout=0.2), config=c, **kw)
+    t2.train(resume_from="latest")
+    assert same(weights(straight.model), weights(t2.model))
+    after = lambda h: [r["loss"] for r in h if r["step"] > 3]       # the steps run after resuming
+    assert after(t2.history) == after(straight.history) and len(after(t2.history)) == 3
+    if where != "after the update":       # the row was stored before the interrupt, and logged
+        assert [r["step"] for r in t2.history] == list(range(1, 7))
+        rows = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(1, 7))
+
+
 # ---------------------------------------------------------------- checkpoints
 def test_atomic_save_survives_a_crash_during_save(tmp_path, monkeypatch):
     c = cfg(max_steps=4, save_steps=2, output_dir=str(tmp_path))
