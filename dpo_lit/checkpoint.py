@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['MANIFEST', 'make_dir', 'OutputDirError', 'check_output_dir', 'write_manifest', 'atomic_save_dir', 'verify_checkpoint',
-           'list_checkpoints', 'rotate_checkpoints', 'clean_partial_saves', 'CheckpointError', 'CheckpointWarning',
-           'resolve_resume', 'rng_state', 'set_rng_state', 'trim_jsonl']
+__all__ = ['MANIFEST', 'make_dir', 'PathError', 'OutputDirError', 'check_output_dir', 'write_manifest', 'atomic_save_dir',
+           'verify_checkpoint', 'list_checkpoints', 'rotate_checkpoints', 'clean_partial_saves', 'CheckpointError',
+           'CheckpointWarning', 'resolve_resume', 'rng_state', 'set_rng_state', 'trim_jsonl']
 
 # %% ../nbs/05b_checkpoints.ipynb #a411c8c3
 def _umask():
@@ -41,14 +41,19 @@ def make_dir(path):
     path.mkdir(parents=True, exist_ok=True)
     return path
 
-# %% ../nbs/05b_checkpoints.ipynb #7dbec719
-class OutputDirError(OSError):
-    "The output folder cannot be used; `str(e)` is one line, `output_dir PATH: problem`."
+# %% ../nbs/05b_checkpoints.ipynb #36b0811b
+class PathError:
+    "Mixin for an error about one path: `.path`, `.problem`; `str(e)` is `{prefix}PATH: problem`."
+    prefix = ""
     def __init__(self, path, problem):
-        super().__init__(f"output_dir {path}: {problem}")
+        super().__init__(f"{self.prefix}{path}: {problem}")
         self.path, self.problem = Path(path), problem
 
     def __reduce__(self): return type(self), (self.path, self.problem)
+
+class OutputDirError(PathError, OSError):
+    "The output folder cannot be used; `str(e)` is one line, `output_dir PATH: problem`."
+    prefix = "output_dir "
 
 def _why(e):
     "The cause of an `OSError`, in a few words."
@@ -271,14 +276,9 @@ def clean_partial_saves(output_dir):
         else: p.unlink(missing_ok=True)
     return left
 
-# %% ../nbs/05b_checkpoints.ipynb #9b2d6ab0
-class CheckpointError(RuntimeError):
+# %% ../nbs/05b_checkpoints.ipynb #ee86e3e0
+class CheckpointError(PathError, RuntimeError):
     "A checkpoint cannot be used; `str(e)` is one line, `PATH: problem`."
-    def __init__(self, path, problem):
-        super().__init__(f"{path}: {problem}")
-        self.path, self.problem = Path(path), problem
-
-    def __reduce__(self): return type(self), (self.path, self.problem)
 
 class CheckpointWarning(UserWarning):
     "A checkpoint was found damaged and skipped."

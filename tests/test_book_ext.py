@@ -179,6 +179,8 @@ def test_book_build_keeps_figures_inline(ext, monkeypatch):
         ([("fig-cap", '"Quoted: a caption"')], {"figure": {"caption": "Quoted: a caption"}}),
         ([("label", "fig-x")], {}),                      # a label without a caption is no figure
         ([("label", "tbl-x"), ("fig-cap", "c")], {"figure": {"caption": "c"}}),
+        ([("fig-cap", "A long"), ("fig-alt", "Two"), ("fig-cap", "caption."), ("fig-alt", "lines.")],
+         {"figure": {"caption": "A long caption."}, "image": {"alt": "Two lines."}}),
         ([("export", "")], {}),
     ],
 )

@@ -71,8 +71,14 @@ def _unquote(value: str) -> str:
 def figure_metadata(directives: list[tuple[str, str]]) -> dict:
     """myst-nb cell metadata for a figure, from Quarto-style directives that nbdev keeps:
     `#| fig-cap: caption`, `#| label: fig-name` (the target of {numref}) and `#| fig-alt: text`.
-    A caption makes the cell's image a numbered figure; the alt text describes it in words."""
-    d = {name: _unquote(value) for name, value in directives}
+    A caption makes the cell's image a numbered figure; the alt text describes it in words.
+    A long caption or alt text continues on further lines with the same key, joined by spaces,
+    so that every line of the cell fits the 100-character code column."""
+    d = {}
+    for name, value in directives:
+        value = _unquote(value)
+        joins = name in ("fig-cap", "fig-alt") and name in d
+        d[name] = f"{d[name]} {value}" if joins else value
     meta = {}
     if d.get("fig-cap"):
         meta["figure"] = {"caption": d["fig-cap"]}
